@@ -1,0 +1,26 @@
+"""Validation loss and perplexity over a token array (token-weighted mean cross-entropy)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data.loader import validation_batches
+
+
+@torch.no_grad()
+def evaluate(model, tokens, block_size: int, batch_size: int, device, autocast, max_batches: int = 0) -> dict:
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for inputs, targets in validation_batches(tokens, block_size, batch_size, max_batches):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        total_loss += loss.item()
+        total_tokens += targets.numel()
+    model.train(was_training)
+    mean = total_loss / max(total_tokens, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": total_tokens}

@@ -1,0 +1,51 @@
+"""Model registry: every architecture is built by name from one ModelConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from .common import LMHeadModel, ModelConfig
+from .gam import GAM
+from .mamba import Mamba
+from .transformer import Transformer
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    build: Callable[[ModelConfig], LMHeadModel]
+    description: str
+    options: dict[str, tuple[str, ...]]  # config fields that select sub-variants, with their values
+
+
+REGISTRY: dict[str, ArchSpec] = {
+    "gam": ArchSpec("gam", lambda c: GAM(c, "gated"), "GAM: gated local conv + global memory (paper)", {}),
+    "gam-sum": ArchSpec("gam", lambda c: GAM(c, "sum"), "GAM ablation: local + global, no gate", {}),
+    "gam-global-only": ArchSpec("gam", lambda c: GAM(c, "global"), "GAM ablation: memory only", {}),
+    "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {}),
+    "transformer": ArchSpec(
+        "transformer", Transformer, "GPT-style pre-LN Transformer", {"attention": ("naive", "sdpa")}
+    ),
+    "mamba": ArchSpec("mamba", Mamba, "Mamba selective SSM", {"stack": ("paper", "standard")}),
+}
+
+
+def build_model(cfg: ModelConfig) -> LMHeadModel:
+    if cfg.arch not in REGISTRY:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[cfg.arch].build(cfg)
+
+
+def variant_configs(base: ModelConfig) -> list[tuple[str, ModelConfig]]:
+    """Every registered architecture and sub-variant, as (label, config) pairs."""
+    out = []
+    for arch, spec in REGISTRY.items():
+        if not spec.options:
+            out.append((arch, replace(base, arch=arch)))
+        for field, values in spec.options.items():
+            for value in values:
+                out.append((f"{arch} ({field}={value})", replace(base, arch=arch, **{field: value})))
+    return out
+
+
+__all__ = ["REGISTRY", "ArchSpec", "LMHeadModel", "ModelConfig", "build_model", "variant_configs"]

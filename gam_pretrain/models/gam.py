@@ -1,0 +1,93 @@
+"""Gated Associative Memory (GAM), Acharya 2025 (arXiv 2509.00605).
+
+Per block, with h = LN(x):
+    local  = depthwise causal conv1d(h), kernel k (k-1 zeros padded on the left)
+    global = softmax(h M^T) M              M: learned memory bank (slots x C), no 1/sqrt(C) scaling
+    g_l, g_g = split(Linear(C, 2C)(h))
+    x = x + sigmoid(g_l) * local + sigmoid(g_g) * global
+    x = x + FFN(LN(x))                    FFN: C -> 4C -> C with GELU
+
+The memory bank does not depend on the input, so the only mixing across positions is the conv:
+the output at t sees at most 1 + L(k-1) tokens (L layers).
+
+Table 3 ablations are variants of the mixer: "gated" (the model above), "sum" (local + global,
+no gate), "global" (memory only, no gate, no conv), "local" (conv only, no gate, no memory).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import LMHeadModel, ModelConfig, causal_depthwise_conv
+
+Mixing = Literal["gated", "sum", "global", "local"]
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, dropout: float):
+        super().__init__(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+
+
+class GAMBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixing: Mixing = "gated"):
+        super().__init__()
+        C = cfg.d_model
+        self.mixing = mixing
+        self.ln1 = nn.LayerNorm(C)
+        self.conv = nn.Conv1d(C, C, cfg.conv_kernel, groups=C) if mixing != "global" else None
+        self.memory = nn.Parameter(torch.empty(cfg.memory_slots, C)) if mixing != "local" else None
+        self.gate = nn.Linear(C, 2 * C) if mixing == "gated" else None
+        self.mix_dropout = nn.Dropout(cfg.dropout)
+        self.ln2 = nn.LayerNorm(C)
+        self.ffn = FeedForward(C, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        local = causal_depthwise_conv(h, self.conv.weight, self.conv.bias) if self.conv is not None else None
+        glob = torch.softmax(h @ self.memory.t(), dim=-1) @ self.memory if self.memory is not None else None
+        if self.mixing == "gated":
+            g_local, g_global = self.gate(h).chunk(2, dim=-1)
+            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * glob
+        elif self.mixing == "sum":
+            mixed = local + glob
+        else:
+            mixed = local if local is not None else glob
+        x = x + self.mix_dropout(mixed)
+        return x + self.ffn(self.ln2(x))
+
+
+class GAM(LMHeadModel):
+    def __init__(self, cfg: ModelConfig, mixing: Mixing = "gated"):
+        super().__init__(cfg, learned_positions=True)
+        self.mixing = mixing
+        self.blocks = nn.ModuleList(GAMBlock(cfg, mixing) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.init_weights()
+
+    def _init_special(self) -> None:
+        for block in self.blocks:
+            if block.memory is not None:
+                nn.init.normal_(block.memory, std=self.cfg.init_std)
+
+    def receptive_field(self) -> int:
+        """Tokens the output at t can depend on (t itself included)."""
+        if self.mixing == "global":
+            return 1
+        return 1 + self.cfg.n_layers * (self.cfg.conv_kernel - 1)
+
+    def forward_flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:
+        c = self.cfg
+        C, L = c.d_model, c.n_layers
+        out = {
+            "conv": L * 2 * C * c.conv_kernel if self.mixing != "global" else 0,
+            "memory": L * 4 * c.memory_slots * C if self.mixing != "local" else 0,
+            "gate": L * 2 * C * 2 * C if self.mixing == "gated" else 0,
+            "ffn": L * 2 * 2 * C * 4 * C,
+            "head": self.head_flops(),
+        }
+        return out

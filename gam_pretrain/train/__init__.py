@@ -1,0 +1,1 @@
+"""Training: engines (how a step runs), the engine-agnostic loop, schedules, metrics, checkpoints."""

@@ -1,0 +1,29 @@
+"""AdamW with the usual decay split: matrices and embeddings decay; biases, norms, A_log and D do not."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import OptimConfig
+
+NO_DECAY_NAMES = ("A_log", "D")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel exists for CPU and CUDA tensors in torch >= 2.4; it is one pass over each tensor.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+    )

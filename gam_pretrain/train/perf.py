@@ -1,0 +1,38 @@
+"""Throughput accounting: peak FLOP/s for MFU and a measured CPU matmul peak."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+
+def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matmul (what MFU is measured against on CPU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, configured: float = 0.0) -> float:
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_BF16_PEAK.items():
+            if key in name:
+                return value
+        return matmul_peak_flops(device, n=8192, dtype=torch.bfloat16)
+    return matmul_peak_flops(device)

@@ -1,0 +1,131 @@
+"""Training-step throughput of every family at the paper config, against the fp32 matmul peak.
+
+    python tools/bench_models.py --batch 8 --seq 256 --steps 5 --out tools/results/bench_models_cpu.json
+
+One run measures, side by side (interleaved step by step, medians reported):
+  - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls, best of several);
+  - a full training step (forward, backward, grad clip, AdamW step) of each model: tokens/s and the
+    achieved model FLOP/s (analytic training FLOPs per token x tokens/s) as a fraction of that peak;
+  - the same step for `paper-transcription`: the paper's GAM written plainly
+    (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from gam_pretrain.config import OptimConfig
+from gam_pretrain.models import ModelConfig, build_model
+from gam_pretrain.models.reference import PaperGAM
+from gam_pretrain.train.optim import build_adamw
+from gam_pretrain.train.perf import matmul_peak_flops
+
+MODELS = {
+    "gam": dict(arch="gam"),
+    "paper-transcription": dict(arch="gam"),
+    "transformer-sdpa": dict(arch="transformer", attention="sdpa"),
+    "transformer-naive": dict(arch="transformer", attention="naive"),
+    "mamba-standard": dict(arch="mamba", stack="standard"),
+    "mamba-paper": dict(arch="mamba", stack="paper"),
+}
+
+
+def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq: int, bf16: bool):
+    torch.manual_seed(0)
+    if name == "paper-transcription":
+        model = PaperGAM(cfg).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                      foreach=False, fused=False)
+    else:
+        model = build_model(cfg).to(device)
+        optimizer = build_adamw(model, OptimConfig(), device)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    flops = build_model(cfg).flops_per_token(seq) if name != "paper-transcription" else None
+    return step, flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="tools/results/bench_models.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda"
+    names = args.models.split(",")
+    cfgs = {n: ModelConfig(block_size=max(256, args.seq), **MODELS[n]) for n in names}
+
+    steps, flops = {}, {}
+    for name in names:
+        steps[name], flops[name] = make_step(name, cfgs[name], device, args.batch, args.seq, bf16)
+        for _ in range(2):
+            steps[name]()
+    if "paper-transcription" in flops:
+        flops["paper-transcription"] = build_model(cfgs["paper-transcription"]).flops_per_token(args.seq)
+    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    peaks = [matmul_peak_flops(device, n=4096, repeats=3, dtype=peak_dtype)]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.steps):  # interleaved, so drift in machine speed hits every model alike
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+        peaks.append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
+    peak = max(peaks)
+    tokens = args.batch * args.seq
+    results = {}
+    for name in names:
+        median = statistics.median(times[name])
+        tps = tokens / median
+        results[name] = {"median_step_s": median, "step_times_s": times[name], "tokens_per_s": tps,
+                         "train_flops_per_token": flops[name], "achieved_flops": tps * flops[name],
+                         "fraction_of_peak": tps * flops[name] / peak}
+    if "gam" in results and "paper-transcription" in results:
+        results["gam"]["speedup_vs_paper_transcription"] = (
+            results["gam"]["tokens_per_s"] / results["paper-transcription"]["tokens_per_s"])
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = ""
+    report = {
+        "benchmark": "bench_models", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": rev, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
+        "precision": "bf16 autocast" if bf16 else "fp32", "matmul_peak_flops": peak,
+        "peak_samples_flops": peaks, "models": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({report['precision']}, {report['threads']} threads)")
+    for name, r in results.items():
+        extra = f"  {r['speedup_vs_paper_transcription']:.3f}x transcription" if "speedup_vs_paper_transcription" in r else ""
+        print(f"{name:22s} {r['tokens_per_s']:9.0f} tok/s  {r['fraction_of_peak']:.3f} of peak{extra}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
