@@ -112,3 +112,16 @@ def test_vocab_mismatch_is_refused(prepared_small):
     check_vocab(prepared_small, 640)  # spare embedding rows are allowed (e.g. padded to a multiple of 64)
     with pytest.raises(DataMismatchError, match="512 tokens but model.vocab_size is 256"):
         check_vocab(prepared_small, 256)
+
+
+def test_wandb_offline_run_is_written_and_reused(tmp_path):
+    from gam_pretrain.config import LoggingConfig
+    from gam_pretrain.train.metrics import MetricsLogger
+
+    for _ in range(2):  # the second logger continues the same run id
+        logger = MetricsLogger(tmp_path, LoggingConfig(wandb="offline"), {"a": 1}, "t")
+        logger.log({"step": 1, "loss": 2.0})
+        logger.close()
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

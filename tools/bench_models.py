@@ -6,6 +6,7 @@ One run measures, side by side (interleaved step by step, medians reported):
   - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls, best of several);
   - a full training step (forward, backward, grad clip, AdamW step) of each model: tokens/s and the
     achieved model FLOP/s (analytic training FLOPs per token x tokens/s) as a fraction of that peak;
+  - `gam-compiled`: our GAM under torch.compile (inductor fuses the elementwise work);
   - the same step for `paper-transcription`: the paper's GAM written plainly
     (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters.
 """
@@ -26,10 +27,11 @@ from gam_pretrain.config import OptimConfig
 from gam_pretrain.models import ModelConfig, build_model
 from gam_pretrain.models.reference import PaperGAM
 from gam_pretrain.train.optim import build_adamw
-from gam_pretrain.train.perf import matmul_peak_flops
+from gam_pretrain.train.perf import matmul_peak_flops, tune_cpu_allocator
 
 MODELS = {
     "gam": dict(arch="gam"),
+    "gam-compiled": dict(arch="gam"),
     "paper-transcription": dict(arch="gam"),
     "transformer-sdpa": dict(arch="transformer", attention="sdpa"),
     "transformer-naive": dict(arch="transformer", attention="naive"),
@@ -47,12 +49,13 @@ def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq
     else:
         model = build_model(cfg).to(device)
         optimizer = build_adamw(model, OptimConfig(), device)
+    forward = torch.compile(model) if name.endswith("-compiled") else model
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, loss = model(x, y)
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -68,12 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="tools/results/bench_models.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as the trainer does; process-wide, so every model below gets it
     bf16 = device.type == "cuda"
     names = args.models.split(",")
     cfgs = {n: ModelConfig(block_size=max(256, args.seq), **MODELS[n]) for n in names}
@@ -88,8 +93,8 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if bf16 else torch.float32
     peaks = [matmul_peak_flops(device, n=4096, repeats=3, dtype=peak_dtype)]
     times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.steps):  # interleaved, so drift in machine speed hits every model alike
-        for name in names:
+    for round_ in range(args.steps):  # interleaved, order reversed every round, so drift hits all alike
+        for name in names if round_ % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
@@ -103,9 +108,10 @@ def main() -> None:
         results[name] = {"median_step_s": median, "step_times_s": times[name], "tokens_per_s": tps,
                          "train_flops_per_token": flops[name], "achieved_flops": tps * flops[name],
                          "fraction_of_peak": tps * flops[name] / peak}
-    if "gam" in results and "paper-transcription" in results:
-        results["gam"]["speedup_vs_paper_transcription"] = (
-            results["gam"]["tokens_per_s"] / results["paper-transcription"]["tokens_per_s"])
+    for name in ("gam", "gam-compiled"):
+        if name in results and "paper-transcription" in results:
+            results[name]["speedup_vs_paper_transcription"] = (
+                results[name]["tokens_per_s"] / results["paper-transcription"]["tokens_per_s"])
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -61,4 +61,4 @@ class PaperGAM(nn.Module):
         logits = self.head(self.final_norm(x))
         if targets is None:
             return logits
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..config import OptimConfig
 from .optim import build_adamw
+from .perf import tune_cpu_allocator
 
 
 class Engine(ABC):
@@ -56,6 +57,8 @@ class SingleEngine(Engine):
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  precision: str = "auto", compile: bool = False):
         self.device = device
+        if device.type == "cpu":
+            tune_cpu_allocator()
         self.model = model.to(device)
         self.optim_cfg = optim_cfg
         self.optimizer = build_adamw(self.model, optim_cfg, device)
