@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, load_config, parse_overrides, set_value, validate
+from .data.prep import PrepConfig, PrepError
 from .models.common import ModelConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -54,6 +55,36 @@ def cmd_models(args, overrides):
         print(f"{r['model']:34s} {r['params']:>14,d} {r['train_flops_per_token'] / 1e9:>20.4f}")
 
 
+def cmd_prep(args, overrides):
+    import dataclasses
+
+    from .data.prep import run_prep
+    from .data.sources import SourceSpec
+
+    if overrides:
+        raise ConfigError(f"prep takes no dotted overrides: {' '.join(overrides)}; use its --options")
+    if args.recipe in ("files", "hf"):
+        splits = dict(item.split("=", 1) for item in args.split) if args.split else {"train": "train", "validation": "validation"}
+        spec = SourceSpec(kind=args.recipe, path=args.path or "", name=args.name, splits=splits,
+                          text_field=args.text_field, streaming=args.streaming, txt_documents=args.txt_documents)
+        cfg = PrepConfig(source=spec, splits=list(splits))
+    else:
+        from data_prep import load_recipe
+
+        cfg = load_recipe(args.recipe)
+    changes = {k: v for k, v in {"tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+                                 "block_size": args.block_size, "documents_per_unit": args.documents_per_unit,
+                                 "samples_per_shard": args.samples_per_shard}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    run_prep(cfg, args.out, workers=args.workers, progress=not args.no_progress)
+
+
+def cmd_verify(args, overrides):
+    from .data.prep import verify
+
+    verify(args.dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gam-pretrain",
@@ -66,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="GAM vs Transformer vs Mamba on the embedded corpus, with a results table")
     p.add_argument("--config", "-c", help="YAML config (default: configs/quickstart.yaml)")
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("prep", help="tokenize a corpus into WebDataset shards + manifest.json (resumable)")
+    p.add_argument("recipe", help="a data_prep recipe (embedded, wikitext2, wikitext103, tinystories), or "
+                   "'files' / 'hf' for a custom source")
+    p.add_argument("--out", required=True, help="output directory (re-running resumes it)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--split", action="append", help="files: SPLIT=GLOB; hf: SPLIT=EXPR (repeatable)")
+    p.add_argument("--path", help="hf: dataset name, local dataset dir, or builder (json, parquet, text)")
+    p.add_argument("--name", help="hf: dataset config name")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--streaming", action="store_true", help="hf: stream instead of downloading")
+    p.add_argument("--txt-documents", choices=["file", "lines"], default="file")
+    p.add_argument("--tokenizer", help="bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--documents-per-unit", type=int)
+    p.add_argument("--samples-per-shard", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prep)
+    p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("models", help="list registered models with parameter counts and FLOPs per token")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
@@ -80,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"gam-pretrain: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PrepError) as e:
         print(f"gam-pretrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

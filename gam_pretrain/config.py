@@ -25,9 +25,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    corpus: str = "embedded"  # the embedded Shakespeare corpus (see gam_pretrain/corpus/PROVENANCE.md)
-    tokenizer: Literal["bpe-whitespace", "bpe-bytelevel"] = "bpe-whitespace"
-    cache_dir: str = "runs/data"  # prepared (tokenized) data is cached here, keyed by a fingerprint
+    dir: str = ""  # a prepared shard directory (`gam-pretrain prep`); empty: prep `recipe` into cache_dir
+    recipe: str = "embedded"  # a data_prep recipe, prepped on first use with this run's block size and vocab
+    tokenizer: str = ""  # recipe override: bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json
+    cache_dir: str = "runs/data"
+    prep_workers: int = 1
+    num_workers: int = 0  # DataLoader workers per rank
 
 
 @dataclass

@@ -22,6 +22,11 @@ QUICKSTART_MODELS = [
 PROMPT = "ROMEO.\n"
 
 
+def split_targets(shard_set, split: str) -> np.ndarray:
+    """Every target token of a split (sample positions 1..block), as the loss sees them."""
+    return np.concatenate([shard_set.read(shard)[:, 1:].ravel() for shard in shard_set.shards(split)])
+
+
 def unigram_perplexity(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Perplexity of the validation tokens under add-one-smoothed train unigram frequencies."""
     counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
@@ -79,8 +84,7 @@ def run_quickstart(base: RunConfig, log=print) -> dict:
                        seed=cfg.train.seed, device=next(run.model.parameters()).device)
         samples[label] = PROMPT + tokenizer.decode(ids)
         results.append({"model": label, "run_dir": str(run.run_dir), **run.summary})
-    unigram_ppl = unigram_perplexity(np.asarray(data.tokens("train")), np.asarray(data.tokens("validation")),
-                                     data.vocab_size)
+    unigram_ppl = unigram_perplexity(split_targets(data, "train"), split_targets(data, "validation"), data.vocab_size)
     table = markdown_table(results, unigram_ppl)
     plot_losses(results, out_dir / "loss_curves.png")
     report = {"results": results, "unigram_val_ppl": unigram_ppl, "samples": samples,

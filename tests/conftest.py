@@ -17,9 +17,24 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # tests never reach the Hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def small_prep_config(**overrides):
+    from gam_pretrain.data import PrepConfig, SourceSpec
+
+    base = dict(source=SourceSpec(kind="embedded"), tokenizer="bpe-bytelevel", vocab_size=512, block_size=32,
+                documents_per_unit=4, samples_per_shard=1024)
+    base.update(overrides)
+    return PrepConfig(**base)
+
+
 @pytest.fixture(scope="session")
 def prepared_small(tmp_path_factory):
-    """The embedded corpus tokenized with a small byte-level BPE, shared by the session."""
-    from gam_pretrain.data import prepare_corpus
+    """The embedded corpus as shards: byte-level BPE with 512 tokens, block 32. Shared by the session."""
+    from gam_pretrain.data import ShardSet, run_prep
 
-    return prepare_corpus("embedded", "bpe-bytelevel", 512, tmp_path_factory.mktemp("data"), log=lambda *a: None)
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    run_prep(small_prep_config(), out, workers=1, log=lambda *a: None, progress=False)
+    return ShardSet(out)

@@ -15,7 +15,7 @@ def test_unigram_perplexity_of_a_uniform_stream():
 def test_quickstart_end_to_end_at_smoke_scale(tmp_path, prepared_small):
     # The real configs/quickstart.yaml, shrunk: a few steps of each family on the embedded corpus.
     cfg = load_config("configs/quickstart.yaml", [
-        "model.vocab_size=512", f"data.cache_dir={prepared_small.path.parent}", "model.d_model=64",
+        "model.vocab_size=512", f"data.dir={prepared_small.path}", "model.d_model=64",
         "model.block_size=32", "model.n_layers=2", "train.max_steps=150", "train.eval_batches=4", "optim.lr=3e-3",
         "train.eval_interval=0", f"train.out_dir={tmp_path}", "logging.wandb=disabled", "train.progress=false",
         "optim.warmup_steps=5",

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gam_pretrain.config import OptimConfig, load_config
-from gam_pretrain.data import BlockLoader, validation_batches
 from gam_pretrain.train.checkpoint import load_checkpoint, save_checkpoint
-from gam_pretrain.train.loop import DataMismatchError, check_vocab, train
+from gam_pretrain.data.cache import DataMismatchError, check_fits
+from gam_pretrain.train.loop import train
 from gam_pretrain.train.schedule import lr_at
 
 
@@ -22,45 +22,6 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_loader_covers_each_epoch_once_in_a_seeded_order():
-    tokens = np.arange(1001, dtype=np.uint16)
-    loader = BlockLoader(tokens, block_size=10, batch_size=4, seed=3)
-    assert loader.num_samples == 100
-    seen = [int(x[i, 0]) // 10 for _ in range(25) for x, _ in [loader.next_batch()] for i in range(4)]
-    assert sorted(seen) == list(range(100)) and loader.epoch == 1 and loader.position == 0
-    again = BlockLoader(tokens, block_size=10, batch_size=4, seed=3)
-    torch.testing.assert_close(again.next_batch()[0], BlockLoader(tokens, 10, 4, seed=3).next_batch()[0])
-    x, y = again.next_batch()
-    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
-
-
-def test_loader_resume_is_exact_across_epochs():
-    tokens = np.arange(2001, dtype=np.uint16)
-    straight = BlockLoader(tokens, 16, 5, seed=1)
-    expected = [straight.next_batch()[0] for _ in range(60)]  # 124 samples/epoch: crosses two epochs
-    first = BlockLoader(tokens, 16, 5, seed=1)
-    got = [first.next_batch()[0] for _ in range(23)]
-    resumed = BlockLoader(tokens, 16, 5, seed=1)
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    got += [resumed.next_batch()[0] for _ in range(37)]
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
-
-
-def test_loader_ranks_partition_the_global_batch():
-    tokens = np.arange(801, dtype=np.uint16)
-    whole = BlockLoader(tokens, 8, 6, seed=0)
-    ranks = [BlockLoader(tokens, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
-    for _ in range(10):
-        torch.testing.assert_close(torch.cat([r.next_batch()[0] for r in ranks]), whole.next_batch()[0])
-
-
-def test_validation_reads_the_whole_split_in_order():
-    tokens = np.arange(95, dtype=np.uint16)
-    batches = list(validation_batches(tokens, 10, 4))
-    assert [b[0].shape[0] for b in batches] == [4, 4, 1]
-    assert torch.equal(torch.cat([b[0][:, 0] for b in batches]), torch.arange(0, 90, 10))
-
-
 def test_checkpoint_without_marker_is_refused(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"step": 3})
     state, meta = load_checkpoint(path)
@@ -70,17 +31,17 @@ def test_checkpoint_without_marker_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def tiny_run_overrides(tmp_path, data_dir, arch="gam", steps=40):
+def tiny_run_overrides(tmp_path, data, arch="gam", steps=40):
     return [f"model.arch={arch}", "model.vocab_size=512", "model.block_size=32", "model.d_model=32",
             "model.n_layers=2", "model.memory_slots=16", "model.n_heads=4", "model.dropout=0.0", "model.expand=2",
-            "data.tokenizer=bpe-bytelevel", f"data.cache_dir={data_dir}", "optim.lr=3e-3", "optim.warmup_steps=5",
+            f"data.dir={data.path}", "optim.lr=3e-3", "optim.warmup_steps=5",
             f"train.max_steps={steps}", "train.batch_size=8", "train.eval_batches=4", "train.eval_interval=20",
             "train.log_interval=5", f"train.out_dir={tmp_path}", "train.progress=false", "logging.wandb=disabled"]
 
 
 @pytest.mark.parametrize("arch", ["gam", "transformer", "mamba"])
 def test_tiny_training_run_learns(tmp_path, prepared_small, arch):
-    cfg = load_config(None, tiny_run_overrides(tmp_path, prepared_small.path.parent, arch))
+    cfg = load_config(None, tiny_run_overrides(tmp_path, prepared_small, arch))
     result = train(cfg, log=lambda *a: None)
     curve = result.summary["loss_curve"]
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5
@@ -99,7 +60,7 @@ def test_tiny_training_run_learns(tmp_path, prepared_small, arch):
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, prepared_small):
-    base = tiny_run_overrides(tmp_path, prepared_small.path.parent, steps=3) + ["train.eval_batches=1"]
+    base = tiny_run_overrides(tmp_path, prepared_small, steps=3) + ["train.eval_batches=1"]
     one = train(load_config(None, base + ["train.run_name=one"]), log=lambda *a: None)
     acc = train(load_config(None, base + ["train.run_name=acc", "train.grad_accum=4"]), log=lambda *a: None)
     np.testing.assert_allclose(one.summary["loss_curve"], acc.summary["loss_curve"], rtol=1e-5)
@@ -107,11 +68,21 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, prepared_small):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_vocab_mismatch_is_refused(prepared_small):
-    check_vocab(prepared_small, 512)
-    check_vocab(prepared_small, 640)  # spare embedding rows are allowed (e.g. padded to a multiple of 64)
+def test_data_that_does_not_fit_the_model_is_refused(prepared_small):
+    check_fits(prepared_small, 512, 32)
+    check_fits(prepared_small, 640, 32)  # spare embedding rows are allowed (e.g. padded to a multiple of 64)
     with pytest.raises(DataMismatchError, match="512 tokens but model.vocab_size is 256"):
-        check_vocab(prepared_small, 256)
+        check_fits(prepared_small, 256, 32)
+    with pytest.raises(DataMismatchError, match="packed for block_size 32 but model.block_size is 64"):
+        check_fits(prepared_small, 512, 64)
+
+
+def test_cli_refuses_mismatched_vocab_at_start(tmp_path, prepared_small, capsys):
+    from gam_pretrain.cli import main
+
+    rc = main(["train", *tiny_run_overrides(tmp_path, prepared_small), "model.vocab_size=100"])
+    assert rc == 1 and "model.vocab_size is 100" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made
 
 
 def test_wandb_offline_run_is_written_and_reused(tmp_path):

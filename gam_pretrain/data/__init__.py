@@ -1,14 +1,15 @@
-"""Corpus -> tokenizer -> token arrays -> batches.
+"""Corpus -> tokenizer -> WebDataset shards + manifest (prep) -> batches (shards).
 
-`prepare_corpus` turns a corpus into a cached, fingerprinted directory of token arrays plus the
-tokenizer that made them; `BlockLoader` serves training batches from it with a resumable position.
+`prep.run_prep` writes a shard directory from a Source; `shards.ShardSet` opens one;
+`shards.ShardLoader` serves training batches with an exact resume; `shards.validation_batches`
+reads a split in full.
 """
-from .corpus import CORPORA, read_documents
-from .loader import BlockLoader, validation_batches
-from .prepared import PreparedData, prepare_corpus
+from .prep import PrepConfig, PrepError, run_prep, verify
+from .shards import ShardLoader, ShardSet, validation_batches
+from .sources import Source, SourceError, SourceSpec
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
 
 __all__ = [
-    "CORPORA", "read_documents", "BlockLoader", "validation_batches", "PreparedData", "prepare_corpus",
-    "SPECIAL_TOKENS", "load_tokenizer", "train_bpe",
+    "PrepConfig", "PrepError", "run_prep", "verify", "ShardLoader", "ShardSet", "validation_batches", "Source",
+    "SourceError", "SourceSpec", "SPECIAL_TOKENS", "load_tokenizer", "train_bpe",
 ]

@@ -1,4 +1,4 @@
-"""Validation loss and perplexity over a token array (token-weighted mean cross-entropy)."""
+"""Validation loss and perplexity over a whole split (token-weighted mean cross-entropy)."""
 from __future__ import annotations
 
 import math
@@ -6,15 +6,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data.loader import validation_batches
+from ..data.shards import validation_batches
 
 
 @torch.no_grad()
-def evaluate(model, tokens, block_size: int, batch_size: int, device, autocast, max_batches: int = 0) -> dict:
+def evaluate(model, shard_set, split: str, batch_size: int, device, autocast, max_batches: int = 0) -> dict:
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
-    for inputs, targets in validation_batches(tokens, block_size, batch_size, max_batches):
+    for inputs, targets in validation_batches(shard_set, split, batch_size, max_batches):
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast():
             logits = model(inputs)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, dump_yaml, to_dict, validate
-from ..data import BlockLoader, PreparedData, prepare_corpus
+from ..data import ShardLoader, ShardSet
+from ..data.cache import open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
 from .checkpoint import save_checkpoint
@@ -22,16 +23,12 @@ from .perf import peak_flops
 from .schedule import lr_at
 
 
-class DataMismatchError(ValueError):
-    """The prepared data does not fit the model config (e.g. vocabulary size)."""
-
-
 @dataclass
 class RunResult:
     run_dir: Path
     summary: dict
     model: torch.nn.Module
-    data: PreparedData
+    data: ShardSet
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,14 +46,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_vocab(data: PreparedData, vocab_size: int) -> None:
-    if data.vocab_size > vocab_size:
-        raise DataMismatchError(
-            f"the tokenizer in {data.path} has {data.vocab_size} tokens but model.vocab_size is {vocab_size}; "
-            f"set model.vocab_size={data.vocab_size} (or larger)"
-        )
-
-
 def make_run_dir(cfg: RunConfig) -> Path:
     name = cfg.train.run_name or f"{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / name
@@ -67,17 +56,16 @@ def make_run_dir(cfg: RunConfig) -> Path:
 def train(cfg: RunConfig, log=print) -> RunResult:
     validate(cfg)
     device = resolve_device(cfg.train.device)
-    data = prepare_corpus(cfg.data.corpus, cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.cache_dir, log=log)
-    check_vocab(data, cfg.model.vocab_size)
+    data = open_training_data(cfg.data, cfg.model, log=log)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     engine: Engine = SingleEngine(model, cfg.optim, device, cfg.train.precision, cfg.train.compile)
     t = cfg.train
     micro_batch = t.batch_size // t.grad_accum
-    loader = BlockLoader(data.tokens("train"), cfg.model.block_size, micro_batch, seed=t.seed,
-                         rank=engine.rank, world_size=engine.world_size)
-    steps_per_epoch = loader.num_samples / (t.batch_size * engine.world_size)
+    loader = ShardLoader(data, "train", micro_batch, seed=t.seed, rank=engine.rank, world_size=engine.world_size,
+                         num_workers=cfg.data.num_workers)
+    steps_per_epoch = loader.batches_per_epoch / t.grad_accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     tokens_per_step = t.batch_size * engine.world_size * cfg.model.block_size
 
@@ -91,8 +79,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         f"of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {device}; run dir {run_dir}")
 
     def run_eval(step: int) -> dict:
-        result = evaluate(engine.model, data.tokens("validation"), cfg.model.block_size, micro_batch, device,
-                          engine.autocast, t.eval_batches)
+        result = evaluate(engine.model, data, "validation", micro_batch, device, engine.autocast, t.eval_batches)
         metrics.log({"step": step, **result})
         return result
 

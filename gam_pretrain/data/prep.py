@@ -1,0 +1,356 @@
+"""Data prep: corpus -> tokenizer -> work units -> WebDataset tar shards -> manifest.json.
+
+Layout of an output directory:
+
+    tokenizer.json                 the tokenizer (trained on the train split, or copied in)
+    <split>-<unit>-<k>.tar         shards: WebDataset tars, one sample per packed sequence
+    .units/<split>-<unit>.json     completion record of one work unit (its shards and their hashes)
+    manifest.json                  written last: every shard with samples, tokens and sha256
+
+A work unit is "documents [u*D, (u+1)*D) of one split". Units are independent and deterministic,
+so 1 worker or N workers, one run or a killed run finished later, give byte-identical shards.
+Each shard is written under a temporary name and renamed when complete; a unit's record is
+written after its shards; a unit with a valid record is skipped when prep runs again.
+
+Packing (as the paper did for WikiText): a unit's documents are tokenized, joined with an <eos>
+token after each, and cut into windows of block_size + 1 tokens that overlap by one token
+(window i starts at i * block_size). The last partial window of each unit is dropped (fewer than
+block_size tokens per unit). Text that was not valid UTF-8 is decoded with U+FFFD replacement
+characters; their count is recorded per split in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .sources import Source, SourceError, SourceSpec
+from .tokenizer import load_tokenizer, train_bpe
+
+FORMAT = "gam-pretrain-shards"
+FORMAT_VERSION = 1
+UNIT_DIR = ".units"
+
+
+class PrepError(RuntimeError):
+    """Prep cannot go on (empty corpus, full disk, bad tokenizer, ...): one clear message."""
+
+
+@dataclass
+class PrepConfig:
+    source: SourceSpec = field(default_factory=SourceSpec)
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    tokenizer: str = "bpe-whitespace"  # bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json
+    vocab_size: int = 10000  # for a trained tokenizer
+    tokenizer_train_documents: int = 0  # 0 = the whole train split
+    block_size: int = 256
+    documents_per_unit: int = 1000
+    samples_per_shard: int = 2048
+
+
+def tokenizer_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise PrepError(f"disk full while writing {path}; free space and run prep again (finished units are kept)") from None
+        raise
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic tar: fixed mtime, owner and mode, so equal content gives equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- one work unit ------------------------------------------------------------------------------
+def _encode(tokenizer, doc: str) -> list[int]:
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(doc.splitlines(keepends=True), add_special_tokens=False):
+        ids.extend(enc.ids)
+    return ids
+
+
+def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
+    """Tokenize, pack and write one unit; returns its record. Skips a unit already complete."""
+    record_path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
+               for s in record["shards"]):
+            return record
+    tokenizer = load_tokenizer(out_dir / "tokenizer.json")
+    eos = tokenizer.token_to_id("<eos>")
+    if eos is None:
+        raise PrepError("the tokenizer has no <eos> token; add one (documents are separated by it)")
+    dtype = np.dtype(tokenizer_dtype(tokenizer.get_vocab_size()))
+    start = unit * cfg.documents_per_unit
+    ids: list[int] = []
+    documents = replaced = 0
+    for doc in Source(cfg.source).documents(split, start, start + cfg.documents_per_unit):
+        documents += 1
+        replaced += doc.count("\ufffd")
+        ids.extend(_encode(tokenizer, doc))
+        ids.append(eos)
+    tokens = np.asarray(ids, dtype=dtype)
+    block = cfg.block_size
+    n_samples = max(0, (len(tokens) - 1) // block)
+    shards = []
+    for k, first in enumerate(range(0, n_samples, cfg.samples_per_shard)):
+        last = min(first + cfg.samples_per_shard, n_samples)
+        members = [(f"{split}-{unit:05d}-{i:07d}.input_ids.npy", npy_bytes(tokens[i * block : i * block + block + 1]))
+                   for i in range(first, last)]
+        name = f"{split}-{unit:05d}-{k:03d}.tar"
+        data = tar_bytes(members)
+        _write_atomic(out_dir / name, data)
+        shards.append({"path": name, "samples": last - first, "tokens": (last - first) * (block + 1),
+                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    record = {"split": split, "unit": unit, "documents": documents, "tokens": int(len(tokens)),
+              "replaced_characters": replaced, "shards": shards}
+    _write_atomic(record_path, json.dumps(record, indent=1).encode())
+    return record
+
+
+def _unit_worker(args):
+    cfg_dict, out_dir, split, unit = args
+    cfg = PrepConfig(source=SourceSpec(**cfg_dict["source"]), **{k: v for k, v in cfg_dict.items() if k != "source"})
+    return process_unit(cfg, Path(out_dir), split, unit)
+
+
+# ---- the whole prep ---------------------------------------------------------------------------
+def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print) -> None:
+    target = out_dir / "tokenizer.json"
+    if target.is_file():
+        return
+    if cfg.tokenizer in ("bpe-whitespace", "bpe-bytelevel"):
+        limit = cfg.tokenizer_train_documents or None
+        log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on the train split ...")
+        tokenizer = train_bpe(source.documents("train", 0, limit), cfg.vocab_size, cfg.tokenizer)
+        if tokenizer.get_vocab_size() == 0:
+            raise PrepError("the train split is empty: nothing to train a tokenizer on")
+        _write_atomic(target, tokenizer.to_str().encode())
+    else:
+        path = Path(cfg.tokenizer)
+        if not path.is_file():
+            raise PrepError(f"tokenizer file not found: {path} (or use bpe-whitespace / bpe-bytelevel)")
+        try:
+            load_tokenizer(path)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+            raise PrepError(f"{path} is not a tokenizers JSON file: {e}") from None
+        shutil.copyfile(path, target)
+
+
+def _config_dict(cfg: PrepConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    (out_dir / UNIT_DIR).mkdir(parents=True, exist_ok=True)
+    cfg_dict = _config_dict(cfg)
+    config_file = out_dir / ".prep_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(cfg_dict)):
+        raise PrepError(f"{out_dir} holds a prep with a different configuration; use another output directory")
+    _write_atomic(config_file, json.dumps(cfg_dict, indent=1).encode())
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; workers are the parallelism
+    source = Source(cfg.source)
+    started = time.perf_counter()
+    prepare_tokenizer(cfg, out_dir, source, log=log)
+    tokenizer_sha = sha256_file(out_dir / "tokenizer.json")
+    vocab_size = load_tokenizer(out_dir / "tokenizer.json").get_vocab_size()
+
+    records: dict[str, list[dict]] = {}
+    for split in cfg.splits:
+        n_docs = source.num_documents(split)
+        if n_docs == 0:
+            raise PrepError(f"split {split!r} of the corpus is empty")
+        known = n_docs is not None
+        n_units = math.ceil(n_docs / cfg.documents_per_unit) if known else None
+        log(f"{split}: {n_docs if known else 'unknown number of'} documents in "
+            f"{n_units if known else 'open-ended'} units of {cfg.documents_per_unit}, {workers} worker(s)")
+        records[split] = _run_units(cfg_dict, cfg, out_dir, split, n_units, workers, progress)
+        if sum(r["tokens"] for r in records[split]) == 0:
+            raise PrepError(f"split {split!r} produced no tokens (empty documents?)")
+    manifest = build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source)
+    _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    seconds = time.perf_counter() - started
+    total_tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    stats = {"seconds": seconds, "workers": workers, "tokens": total_tokens, "tokens_per_s": total_tokens / seconds}
+    (out_dir / "prep_stats.json").write_text(json.dumps(stats, indent=1))
+    for split, info in manifest["splits"].items():
+        log(f"{split}: {info['documents']:,} documents -> {info['samples']:,} samples of {cfg.block_size + 1} tokens "
+            f"in {len(info['shards'])} shards ({info['replaced_characters']} replaced characters)")
+    log(f"wrote {out_dir / 'manifest.json'} in {seconds:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s)")
+    return manifest
+
+
+def _run_units(cfg_dict, cfg, out_dir, split, n_units, workers, progress) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_units, desc=f"prep {split}", unit="unit", disable=not progress)
+    records: list[dict] = []
+    tokens, t0 = 0, time.perf_counter()
+
+    def collect(record):
+        nonlocal tokens
+        records.append(record)
+        tokens += record["tokens"]
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+
+    def jobs(first, count):
+        return [(cfg_dict, str(out_dir), split, u) for u in range(first, first + count)]
+
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        run = pool.imap if pool else map
+        if n_units is not None:
+            for record in run(_unit_worker, jobs(0, n_units)):
+                collect(record)
+        else:  # streaming: go wave by wave until a unit comes back empty
+            first = 0
+            while True:
+                wave = list(run(_unit_worker, jobs(first, max(workers, 1) * 4)))
+                for record in wave:
+                    if record["documents"]:
+                        collect(record)
+                if any(r["documents"] < cfg.documents_per_unit for r in wave):
+                    break
+                first += len(wave)
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+    return sorted(records, key=lambda r: r["unit"])
+
+
+def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) -> dict:
+    splits = {}
+    for split, recs in records.items():
+        shards = [s for r in recs for s in r["shards"]]
+        splits[split] = {
+            "shards": [{k: s[k] for k in ("path", "samples", "tokens", "sha256")} for s in shards],
+            "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(r["documents"] for r in recs), "units": len(recs),
+            "replaced_characters": sum(r["replaced_characters"] for r in recs),
+        }
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "block_size": cfg.block_size, "sample_length": cfg.block_size + 1,
+        "sample_field": "input_ids.npy", "dtype": tokenizer_dtype(vocab_size),
+        "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_sha, "vocab_size": vocab_size,
+                      "kind": cfg.tokenizer if cfg.tokenizer.startswith("bpe-") else "file"},
+        "source_fingerprint": source.fingerprint(cfg.splits),
+        "prep": cfg_dict, "splits": splits,
+    }
+
+
+def verify(out_dir: str | Path, log=print) -> dict:
+    """Re-hash every shard against the manifest and read every sample; raises PrepError on a mismatch."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    problems = []
+    if sha256_file(out_dir / manifest["tokenizer"]["file"]) != manifest["tokenizer"]["sha256"]:
+        problems.append("tokenizer.json does not match the manifest's hash")
+    stats = {}
+    for split, info in manifest["splits"].items():
+        token_counts = np.zeros(manifest["tokenizer"]["vocab_size"], dtype=np.int64)
+        for shard in info["shards"]:
+            path = out_dir / shard["path"]
+            if not path.is_file():
+                problems.append(f"{shard['path']}: missing")
+                continue
+            if sha256_file(path) != shard["sha256"]:
+                problems.append(f"{shard['path']}: sha256 differs from the manifest (corrupt or truncated)")
+                continue
+            samples = read_shard(path, manifest)
+            if len(samples) != shard["samples"]:
+                problems.append(f"{shard['path']}: {len(samples)} samples, manifest says {shard['samples']}")
+            for s in samples:
+                token_counts += np.bincount(s, minlength=len(token_counts))
+        stats[split] = {"shards": len(info["shards"]), "samples": info["samples"], "tokens": info["tokens"],
+                        "distinct_tokens": int((token_counts > 0).sum())}
+        log(f"{split}: {len(info['shards'])} shards, {info['samples']:,} samples, {info['tokens']:,} tokens, "
+            f"{stats[split]['distinct_tokens']:,} distinct token ids")
+    if problems:
+        raise PrepError(f"verify failed for {out_dir}:\n  " + "\n  ".join(problems))
+    log("all shards match the manifest")
+    return stats
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise PrepError(f"no manifest.json in {out_dir}: prep has not finished there")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PrepError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise PrepError(f"{path} is not a gam-pretrain shard manifest")
+    return manifest
+
+
+def read_shard(path: Path, manifest: dict) -> list[np.ndarray]:
+    """All samples of one shard, in order. A corrupt or truncated tar raises PrepError naming it."""
+    samples = []
+    header = b""  # every sample is stored with the same .npy header; parse it once
+    suffix = "." + manifest["sample_field"]
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.name.endswith(suffix):
+                    continue
+                data = tar.extractfile(member).read()
+                if not header or not data.startswith(header):
+                    array = np.load(io.BytesIO(data), allow_pickle=False)
+                    header = data[: len(data) - array.nbytes]
+                else:
+                    array = np.frombuffer(data, dtype=manifest["dtype"], offset=len(header))
+                if array.shape != (manifest["sample_length"],):
+                    raise PrepError(f"{path}: sample {member.name} has shape {array.shape}")
+                samples.append(array)
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        raise PrepError(f"shard {path} is corrupt or truncated ({e}); run `gam-pretrain verify`") from None
+    return samples
