@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -112,6 +113,11 @@ def _encode(tokenizer, doc: str) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str):
+    return load_tokenizer(path)
+
+
 def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     """Tokenize, pack and write one unit; returns its record. Skips a unit already complete."""
     record_path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
@@ -120,7 +126,7 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
         if all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
                for s in record["shards"]):
             return record
-    tokenizer = load_tokenizer(out_dir / "tokenizer.json")
+    tokenizer = _cached_tokenizer(str(out_dir / "tokenizer.json"))
     eos = tokenizer.token_to_id("<eos>")
     if eos is None:
         raise PrepError("the tokenizer has no <eos> token; add one (documents are separated by it)")
@@ -200,16 +206,16 @@ def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, 
     tokenizer_sha = sha256_file(out_dir / "tokenizer.json")
     vocab_size = load_tokenizer(out_dir / "tokenizer.json").get_vocab_size()
 
-    records: dict[str, list[dict]] = {}
+    units: dict[str, int | None] = {}
     for split in cfg.splits:
         n_docs = source.num_documents(split)
         if n_docs == 0:
             raise PrepError(f"split {split!r} of the corpus is empty")
-        known = n_docs is not None
-        n_units = math.ceil(n_docs / cfg.documents_per_unit) if known else None
-        log(f"{split}: {n_docs if known else 'unknown number of'} documents in "
-            f"{n_units if known else 'open-ended'} units of {cfg.documents_per_unit}, {workers} worker(s)")
-        records[split] = _run_units(cfg_dict, cfg, out_dir, split, n_units, workers, progress)
+        units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
+        log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in "
+            f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
+    records = _run_units(cfg_dict, cfg, out_dir, units, workers, progress)
+    for split in cfg.splits:
         if sum(r["tokens"] for r in records[split]) == 0:
             raise PrepError(f"split {split!r} produced no tokens (empty documents?)")
     manifest = build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source)
@@ -225,44 +231,45 @@ def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, 
     return manifest
 
 
-def _run_units(cfg_dict, cfg, out_dir, split, n_units, workers, progress) -> list[dict]:
+def _run_units(cfg_dict, cfg, out_dir, units: dict[str, int | None], workers, progress) -> dict[str, list[dict]]:
+    """All units of all splits through one pool (no barrier between splits). Splits of unknown
+    size (streaming) go last, in waves, until a unit comes back short."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_units, desc=f"prep {split}", unit="unit", disable=not progress)
-    records: list[dict] = []
+    known_total = sum(n for n in units.values() if n is not None)
+    bar = tqdm(total=known_total, desc="prep", unit="unit", disable=not progress)
+    records: dict[str, list[dict]] = {split: [] for split in units}
     tokens, t0 = 0, time.perf_counter()
 
     def collect(record):
         nonlocal tokens
-        records.append(record)
+        if record["documents"] or record["unit"] == 0:
+            records[record["split"]].append(record)
         tokens += record["tokens"]
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
 
-    def jobs(first, count):
-        return [(cfg_dict, str(out_dir), split, u) for u in range(first, first + count)]
-
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    run = pool.imap_unordered if pool else map
     try:
-        run = pool.imap if pool else map
-        if n_units is not None:
-            for record in run(_unit_worker, jobs(0, n_units)):
-                collect(record)
-        else:  # streaming: go wave by wave until a unit comes back empty
-            first = 0
+        jobs = [(cfg_dict, str(out_dir), split, u) for split, n in units.items() if n is not None for u in range(n)]
+        for record in run(_unit_worker, jobs):
+            collect(record)
+        for split in (s for s, n in units.items() if n is None):
+            first, wave_size = 0, max(workers, 1) * 4
             while True:
-                wave = list(run(_unit_worker, jobs(first, max(workers, 1) * 4)))
+                wave = list(run(_unit_worker, [(cfg_dict, str(out_dir), split, u)
+                                               for u in range(first, first + wave_size)]))
                 for record in wave:
-                    if record["documents"]:
-                        collect(record)
+                    collect(record)
                 if any(r["documents"] < cfg.documents_per_unit for r in wave):
                     break
-                first += len(wave)
+                first += wave_size
     finally:
         if pool:
             pool.terminate()
         bar.close()
-    return sorted(records, key=lambda r: r["unit"])
+    return {split: sorted(recs, key=lambda r: r["unit"]) for split, recs in records.items()}
 
 
 def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) -> dict:

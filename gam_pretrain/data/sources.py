@@ -6,6 +6,7 @@ worker, in any order, with the same result.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import hashlib
@@ -48,6 +49,16 @@ class SourceSpec:
     max_documents: dict[str, int] = field(default_factory=dict)  # per split cap (TinyStories: 50k / 5k)
 
 
+@functools.lru_cache(maxsize=4)
+def _embedded_documents(split: str) -> list[str]:
+    """The embedded corpus is small (5 MB): parse a split once per process, not once per work unit."""
+    path = EMBEDDED_DIR / f"{split}.jsonl.gz"
+    if not path.is_file():
+        raise SourceError(f"the embedded corpus has no split {split!r} (splits: train, validation)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
 class Source:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -66,12 +77,7 @@ class Source:
         return reader(split, start, stop)
 
     def _embedded(self, split, start, stop):
-        path = EMBEDDED_DIR / f"{split}.jsonl.gz"
-        if not path.is_file():
-            raise SourceError(f"the embedded corpus has no split {split!r} (splits: train, validation)")
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in islice(f, start, stop):
-                yield json.loads(line)["text"]
+        return iter(_embedded_documents(split)[start:stop])
 
     def _split_files(self, split) -> list[Path]:
         patterns = self.spec.splits.get(split)
