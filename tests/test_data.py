@@ -253,3 +253,39 @@ def test_cli_prep_then_verify(tmp_path, tokenizer_file):
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "gam_pretrain", "verify", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0 and "all shards match" in proc.stdout
+
+
+def test_gpt2_style_vocab_and_merges_folder(tmp_path, prepared_small):
+    # A byte-level BPE saved as vocab.json + merges.txt (the GPT-2 layout), with GPT-2's separator.
+    from tokenizers import AddedToken
+
+    tok = prepared_small.tokenizer()
+    tok.model.save(str(tmp_path))
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    vocab["<|endoftext|>"] = vocab.pop("<eos>")
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    spec = SourceSpec(kind="embedded")
+    manifest = run_prep(small_prep_config(source=spec, tokenizer=str(tmp_path), splits=["validation"]),
+                        tmp_path / "out", **QUIET)
+    reference = prepared_small.manifest["splits"]["validation"]
+    assert manifest["splits"]["validation"]["tokens"] == reference["tokens"]
+    assert [s["sha256"] for s in manifest["splits"]["validation"]["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert AddedToken  # the special token needs no registration: it is an ordinary vocabulary entry
+
+
+def test_full_disk_stops_prep_with_a_clear_message_and_keeps_finished_units(tmp_path, tokenizer_file):
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs permission to mount a tmpfs (root): {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(PrepError, match="disk full"):
+            run_prep(small_prep_config(tokenizer=tokenizer_file, documents_per_unit=1), mount_point / "out", **QUIET)
+        out = mount_point / "out"
+        assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+        finished = [json.loads(p.read_text()) for p in (out / ".units").glob("*.json")]
+        assert finished and all((out / s["path"]).stat().st_size == s["bytes"] for r in finished for s in r["shards"])
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)

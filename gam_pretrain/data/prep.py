@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .sources import Source, SourceError, SourceSpec
-from .tokenizer import load_tokenizer, train_bpe
+from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
 FORMAT = "gam-pretrain-shards"
 FORMAT_VERSION = 1
@@ -127,9 +127,9 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
                for s in record["shards"]):
             return record
     tokenizer = _cached_tokenizer(str(out_dir / "tokenizer.json"))
-    eos = tokenizer.token_to_id("<eos>")
+    eos = eos_id(tokenizer)
     if eos is None:
-        raise PrepError("the tokenizer has no <eos> token; add one (documents are separated by it)")
+        raise PrepError(f"the tokenizer has none of {EOS_CANDIDATES}; documents are separated by one, add it")
     dtype = np.dtype(tokenizer_dtype(tokenizer.get_vocab_size()))
     start = unit * cfg.documents_per_unit
     ids: list[int] = []
@@ -178,13 +178,15 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
         _write_atomic(target, tokenizer.to_str().encode())
     else:
         path = Path(cfg.tokenizer)
-        if not path.is_file():
+        if not path.exists():
             raise PrepError(f"tokenizer file not found: {path} (or use bpe-whitespace / bpe-bytelevel)")
         try:
-            load_tokenizer(path)
+            tokenizer = load_tokenizer(path)
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
-            raise PrepError(f"{path} is not a tokenizers JSON file: {e}") from None
-        shutil.copyfile(path, target)
+            raise PrepError(f"{path} is not a tokenizers JSON file or a vocab.json + merges.txt folder: {e}") from None
+        if eos_id(tokenizer) is None:
+            raise PrepError(f"the tokenizer {path} has none of {EOS_CANDIDATES}; documents are separated by one")
+        _write_atomic(target, tokenizer.to_str().encode())
 
 
 def _config_dict(cfg: PrepConfig) -> dict:

@@ -39,8 +39,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, kind: TokenizerKind) -> Tok
     return tok
 
 
+EOS_CANDIDATES = ("<eos>", "<|endoftext|>", "</s>")
+
+
+def eos_id(tokenizer: Tokenizer) -> int | None:
+    """The document separator: the first of EOS_CANDIDATES the vocabulary has."""
+    for token in EOS_CANDIDATES:
+        if (i := tokenizer.token_to_id(token)) is not None:
+            return i
+    return None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizers` JSON file, or a directory with a GPT-2 style byte-level BPE (vocab.json + merges.txt)."""
     path = Path(path)
+    if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise FileNotFoundError(f"tokenizer not found: {path} (a tokenizer.json, or a folder with vocab.json + merges.txt)")
     return Tokenizer.from_file(str(path))
