@@ -23,8 +23,14 @@ def _default_config(name: str) -> Path | None:
 def cmd_train(args, overrides):
     from .train.loop import train
 
+    import torch.distributed as dist
+
     cfg = validate(load_config(args.config, overrides))
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cmd_quickstart(args, overrides):
@@ -85,6 +91,40 @@ def cmd_verify(args, overrides):
     verify(args.dir)
 
 
+def cmd_export(args, overrides):
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}")
+
+
+def cmd_eval(args, overrides):
+    import contextlib
+
+    from .data import ShardSet
+    from .data.cache import check_fits
+    from .eval.perplexity import evaluate
+    from .export import load_export
+
+    model, config, _ = load_export(args.export)
+    data = ShardSet(args.data or config.get("data_path") or "")
+    check_fits(data, model.cfg.vocab_size, model.cfg.block_size)
+    result = evaluate(model, data, args.split, args.batch_size, "cpu", contextlib.nullcontext)
+    print(json.dumps(result))
+
+
+def cmd_generate(args, overrides):
+    from .eval.generate import generate
+    from .export import load_export
+
+    model, _, tokenizer = load_export(args.export)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.export} has no tokenizer.json")
+    ids = generate(model, tokenizer.encode(args.prompt).ids, args.max_new_tokens, model.cfg.block_size,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + tokenizer.decode(ids))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gam-pretrain",
@@ -118,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("export", help="a checkpoint (any engine) -> model.safetensors + config.json + tokenizer")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="validation loss / perplexity of an export")
+    p.add_argument("export")
+    p.add_argument("--data", help="shard folder (default: the one it was trained on)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="sample text from an export")
+    p.add_argument("export")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("models", help="list registered models with parameter counts and FLOPs per token")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)

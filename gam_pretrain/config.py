@@ -52,6 +52,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: float = 5.0  # used when max_steps is 0
     max_steps: int = 0
+    stop_at_step: int = 0  # end this launch after that step with a checkpoint; the schedule still spans max_steps
     eval_interval: int = 500  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole validation split
     log_interval: int = 10
@@ -63,6 +64,25 @@ class TrainConfig:
     run_name: str = ""  # default: <arch>-<timestamp>
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
     progress: bool = True
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["single", "ddp", "deepspeed", "fsdp2"] = "single"
+    zero_stage: int = 2  # deepspeed: 0-3 (3 = fully sharded, FSDP-style)
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
+    offload_params: bool = False  # deepspeed ZeRO-3: parameters in CPU memory
+    activation_checkpointing: bool = False  # recompute each block in backward
+    deepspeed_extra: str = ""  # JSON object merged into the generated DeepSpeed config
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = 0  # save every N steps (0: off)
+    interval_minutes: float = 0.0  # and/or every M minutes (0: off)
+    keep_last: int = 2  # complete checkpoints kept, newest first
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K, forever (0: none)
+    resume: str = "auto"  # auto: latest complete checkpoint in the run dir | never | a checkpoint path
 
 
 @dataclass
@@ -78,6 +98,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -230,6 +252,16 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"({cfg.train.grad_accum})")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    if not 0 <= cfg.engine.zero_stage <= 3:
+        raise ConfigError(f"'engine.zero_stage' must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.engine.deepspeed_extra:
+        import json
+
+        try:
+            if not isinstance(json.loads(cfg.engine.deepspeed_extra), dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise ConfigError(f"'engine.deepspeed_extra' must be a JSON object: {e}") from None
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set 'train.max_steps' or 'train.epochs' to a positive value")
     return cfg

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model_config
 from gam_pretrain.models import build_model
 from gam_pretrain.models.mamba import selective_scan_torch
-from gam_pretrain.train.engine import SingleEngine
+from gam_pretrain.train.engines import SingleEngine
 from gam_pretrain.config import OptimConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -21,7 +21,8 @@ def test_bf16_training_steps_learn(arch):
     losses = []
     for _ in range(30):
         losses.append(float(engine.forward_backward(data[:, :-1], data[:, 1:], 1.0)))
-        engine.optimizer_step(3e-3)
+        engine.set_lr(3e-3)
+        engine.optimizer_step()
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gam_pretrain.config import OptimConfig, load_config
-from gam_pretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from gam_pretrain.train.checkpoint import complete_checkpoints, latest_checkpoint, read_trainer_state
 from gam_pretrain.data.cache import DataMismatchError, check_fits
 from gam_pretrain.train.loop import train
 from gam_pretrain.train.schedule import lr_at
@@ -20,15 +20,6 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(110, 110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, 110, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-
-
-def test_checkpoint_without_marker_is_refused(tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"step": 3})
-    state, meta = load_checkpoint(path)
-    assert meta["step"] == 3 and torch.equal(state["w"], torch.ones(2))
-    (path / "COMPLETE").unlink()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        load_checkpoint(path)
 
 
 def tiny_run_overrides(tmp_path, data, arch="gam", steps=40):
@@ -55,8 +46,8 @@ def test_tiny_training_run_learns(tmp_path, prepared_small, arch):
     assert sum("val_loss" in r for r in records) == 2  # step 20 and the final one
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
-    state, meta = load_checkpoint(run_dir / "checkpoints" / "step_00000040")
-    assert meta["step"] == 40 and "model" in state and "optimizer" in state
+    state = read_trainer_state(run_dir / "checkpoints" / "step_00000040")
+    assert state["step"] == 40 and state["loader"]["batches_in_epoch"] == 40 and len(state["history"]) == 40
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, prepared_small):
@@ -96,3 +87,65 @@ def test_wandb_offline_run_is_written_and_reused(tmp_path):
     run_id = (tmp_path / "wandb_id").read_text()
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_continues_exactly_and_ignores_partial_checkpoints(tmp_path, prepared_small):
+    base = tiny_run_overrides(tmp_path, prepared_small, steps=12) + ["model.dropout=0.1", "train.eval_interval=0"]
+    straight = train(load_config(None, base + ["train.run_name=straight"]), log=lambda *a: None)
+    resumable = base + ["train.run_name=resumed", "checkpoint.keep_last=1", "checkpoint.keep_every=3"]
+    cut = train(load_config(None, resumable + ["train.stop_at_step=7"]), log=lambda *a: None)
+    assert cut.summary == {"stopped_at": 7, "loss_curve": straight.summary["loss_curve"][:7]}
+    run_dir = tmp_path / "resumed"
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [7]
+    # a half-written checkpoint from a crash is never picked up
+    (run_dir / "checkpoints" / "step_00000009.partial").mkdir()
+    assert latest_checkpoint(run_dir).name == "step_00000007"
+    resumed = train(load_config(None, resumable + ["checkpoint.interval_steps=3"]), log=lambda *a: None)
+    assert resumed.summary["loss_curve"] == straight.summary["loss_curve"]  # dropout RNG restored too
+    assert resumed.summary["params_checksum"] == straight.summary["params_checksum"]
+    # saved at 9 and 12; 7 is not a multiple of keep_every=3 and not the newest: pruned; 9 kept forever
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [9, 12]
+
+
+def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small):
+    from gam_pretrain.train.checkpoint import CheckpointMismatchError
+
+    base = tiny_run_overrides(tmp_path, prepared_small, steps=2) + ["train.run_name=r", "train.eval_batches=1"]
+    train(load_config(None, base), log=lambda *a: None)
+    with pytest.raises(CheckpointMismatchError, match="model="):
+        train(load_config(None, base + ["train.max_steps=4", "model.d_model=48"]), log=lambda *a: None)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from gam_pretrain.config import load_config
+from gam_pretrain.train.engines.single import SingleEngine
+from gam_pretrain.train.loop import train
+
+original = SingleEngine.save
+def save_then_die(self, directory):
+    original(self, directory)  # engine files written...
+    if directory.name == "step_00000006.partial":
+        os.kill(os.getpid(), signal.SIGKILL)  # ...killed before the marker and the rename
+SingleEngine.save = save_then_die
+train(load_config(None, sys.argv[1:]), log=lambda *a: None)
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_never_loads_it(tmp_path, prepared_small):
+    import subprocess
+    import sys
+
+    base = tiny_run_overrides(tmp_path, prepared_small, steps=10) + ["train.eval_interval=0", "model.dropout=0.1",
+                                                                    "checkpoint.interval_steps=3"]
+    reference = train(load_config(None, base + ["train.run_name=reference"]), log=lambda *a: None)
+    victim = base + ["train.run_name=victim"]
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *victim], capture_output=True)
+    assert proc.returncode == -9
+    checkpoints = tmp_path / "victim" / "checkpoints"
+    assert (checkpoints / "step_00000006.partial" / "model_optim.pt").is_file()
+    assert latest_checkpoint(tmp_path / "victim").name == "step_00000003"
+    resumed = train(load_config(None, victim), log=lambda *a: None)
+    assert resumed.summary["params_checksum"] == reference.summary["params_checksum"]
+    assert resumed.summary["loss_curve"] == reference.summary["loss_curve"]
+    assert not (checkpoints / "step_00000006.partial").exists()  # replaced when step 6 was saved again

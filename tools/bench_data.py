@@ -25,7 +25,7 @@ import torch
 from gam_pretrain.config import OptimConfig
 from gam_pretrain.data import PrepConfig, ShardLoader, ShardSet, SourceSpec, run_prep
 from gam_pretrain.models import ModelConfig, build_model
-from gam_pretrain.train.engine import SingleEngine
+from gam_pretrain.train.engines import SingleEngine
 
 
 def main() -> None:
@@ -72,12 +72,12 @@ def main() -> None:
         engine = SingleEngine(build_model(model_cfg), OptimConfig(), torch.device("cpu"), "fp32")
         loader = ShardLoader(shards, "train", 8, seed=0)
         engine.forward_backward(*loader.next_batch(), 1.0)
-        engine.optimizer_step(3e-4)
+        engine.optimizer_step()
         times = []
         for _ in range(args.train_steps):
             t0 = time.perf_counter()
             engine.forward_backward(*loader.next_batch(), 1.0)
-            engine.optimizer_step(3e-4)
+            engine.optimizer_step()
             times.append(time.perf_counter() - t0)
         consumption = 8 * 256 / statistics.median(times)
         loader_result["gam_paper_training_tokens_per_s"] = consumption

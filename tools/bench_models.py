@@ -48,7 +48,7 @@ def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq
                                       foreach=False, fused=False)
     else:
         model = build_model(cfg).to(device)
-        optimizer = build_adamw(model, OptimConfig(), device)
+        optimizer = build_adamw(model, OptimConfig(), fused=True)
     forward = torch.compile(model) if name.endswith("-compiled") else model
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]

@@ -1,8 +1,11 @@
 """The training loop. It knows nothing about how a step is executed: that is the engine's job."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,16 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from ..config import RunConfig, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
 from ..data.cache import open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
-from .checkpoint import save_checkpoint
-from .engine import Engine, SingleEngine
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .engines import Engine, build_engine
 from .metrics import MetricsLogger
 from .perf import peak_flops
+from .preemption import Preempted, PreemptionFlag
 from .schedule import lr_at
 
 
@@ -29,11 +35,14 @@ class RunResult:
     summary: dict
     model: torch.nn.Module
     data: ShardSet
+    engine: Engine
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist else 0)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but no CUDA device is available")
@@ -46,99 +55,187 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
+def make_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
     name = cfg.train.run_name or f"{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if dist.world_size > 1:  # every rank must use rank 0's name
+        box = [name]
+        tdist.broadcast_object_list(box, src=0)
+        name = box[0]
     run_dir = Path(cfg.train.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     return run_dir
+
+
+def params_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gather_floats(value: float, device: torch.device, dist: DistInfo) -> list[float]:
+    if dist.world_size == 1:
+        return [value]
+    out = [torch.zeros(1, device=device) for _ in range(dist.world_size)]
+    tdist.all_gather(out, torch.tensor([value], device=device))
+    return [float(t) for t in out]
+
+
+def agree(flags: list[bool], device: torch.device, dist: DistInfo) -> list[bool]:
+    """Each flag true on every rank if true on any (one small collective per step boundary)."""
+    if dist.world_size == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
 
 
 def train(cfg: RunConfig, log=print) -> RunResult:
     validate(cfg)
-    device = resolve_device(cfg.train.device)
-    data = open_training_data(cfg.data, cfg.model, log=log)
+    probe = resolve_device(cfg.train.device)
+    dist = init_distributed(probe.type)
+    device = resolve_device(cfg.train.device, dist)
+    say = log if dist.is_main else (lambda *a, **k: None)
+    if dist.is_main:
+        data = open_training_data(cfg.data, cfg.model, log=say)
+    barrier()
+    if not dist.is_main:
+        data = open_training_data(cfg.data, cfg.model, log=say)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
-    engine: Engine = SingleEngine(model, cfg.optim, device, cfg.train.precision, cfg.train.compile)
+    n_params = model.num_parameters()
+    flops_per_token = model.flops_per_token(cfg.model.block_size)
+    engine = build_engine(cfg, model, device, dist)
     t = cfg.train
     micro_batch = t.batch_size // t.grad_accum
-    loader = ShardLoader(data, "train", micro_batch, seed=t.seed, rank=engine.rank, world_size=engine.world_size,
+    loader = ShardLoader(data, "train", micro_batch, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers)
     steps_per_epoch = loader.batches_per_epoch / t.grad_accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    tokens_per_step = t.batch_size * engine.world_size * cfg.model.block_size
+    tokens_per_step = t.batch_size * dist.world_size * cfg.model.block_size
 
-    run_dir = make_run_dir(cfg)
-    dump_yaml(cfg, run_dir / "config.yaml")
-    metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=engine.rank == 0)
-    flops_per_token = model.flops_per_token(cfg.model.block_size)
+    run_dir = make_run_dir(cfg, dist)
+    fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model), "world_size": dist.world_size,
+                    "engine": to_dict(cfg.engine), "batch_size": t.batch_size, "grad_accum": t.grad_accum}
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.checkpoint.resume not in ("never", ""):
+        resume_from = Path(cfg.checkpoint.resume)
+    start_step, history, train_seconds = 0, [], 0.0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, engine, dist, expect=fingerprints)
+        loader.load_state_dict(state["loader"])
+        start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+        say(f"resumed from {resume_from} at step {start_step}")
+    if dist.is_main:
+        dump_yaml(cfg, run_dir / "config.yaml")
+    metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
     peak = peak_flops(device, t.peak_flops)
-    n_params = model.num_parameters()
-    log(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} steps "
-        f"of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {device}; run dir {run_dir}")
+    say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} steps "
+        f"of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {dist.world_size} x {device}, "
+        f"engine {cfg.engine.kind}; run dir {run_dir}")
+
+    def trainer_state(step: int) -> dict:
+        return {"step": step, "tokens": step * tokens_per_step, "loader": loader.state_dict(), "history": history,
+                "train_seconds": train_seconds, "arch": cfg.model.arch, "params": n_params,
+                "data_path": str(data.path.resolve()), **fingerprints}
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(run_dir, step, engine, trainer_state(step), dist, cfg.checkpoint.keep_last,
+                               cfg.checkpoint.keep_every)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(engine.model, data, "validation", micro_batch, device, engine.autocast, t.eval_batches)
+        result = evaluate(engine.eval_model(), data, "validation", micro_batch, device, engine.autocast, t.eval_batches)
         metrics.log({"step": step, **result})
         return result
 
     progress = None
-    if t.progress and engine.rank == 0:
+    if t.progress and dist.is_main:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, desc=cfg.model.arch, unit="step", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=start_step, desc=cfg.model.arch, unit="step", dynamic_ncols=True)
 
-    history: list[dict] = []
-    train_seconds = 0.0
+    preemption = PreemptionFlag()
+    last_save = time.monotonic()
     window_tokens, window_start = 0, time.perf_counter()
-    last_eval: dict = {}
-    for step in range(total_steps):
-        step_start = time.perf_counter()
-        lr = lr_at(step, total_steps, cfg.optim)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(t.grad_accum):
-            inputs, targets = loader.next_batch()
-            loss_sum += engine.forward_backward(inputs, targets, 1.0 / t.grad_accum)
-        grad_norm = engine.optimizer_step(lr)
-        loss = loss_sum.item() / t.grad_accum
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-        train_seconds += time.perf_counter() - step_start
-        window_tokens += tokens_per_step
-        history.append({"step": step + 1, "loss": loss})
-        if (step + 1) % t.log_interval == 0 or step + 1 == total_steps:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                      "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
-                      "tokens": (step + 1) * tokens_per_step}
-            metrics.log(record)
-            window_tokens, window_start = 0, time.perf_counter()
+    try:
+        for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
+            engine.set_lr(lr_at(step, total_steps, cfg.optim))
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(t.grad_accum):
+                inputs, targets = loader.next_batch()
+                loss_sum += engine.forward_backward(inputs, targets, 1.0 / t.grad_accum)
+            grad_norm = engine.optimizer_step()
+            loss = float(all_reduce_mean(loss_sum / t.grad_accum))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+            train_seconds += time.perf_counter() - step_start
+            window_tokens += tokens_per_step
+            history.append(loss)
+            done = step + 1
+            if done % t.log_interval == 0 or done == total_steps:
+                tps = window_tokens / (time.perf_counter() - window_start)
+                mem = gather_floats(memory_mb(device), device, dist)
+                metrics.log({"step": done, "loss": loss, "lr": lr_at(step, total_steps, cfg.optim),
+                             "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                             "epoch": loader.epoch_progress, "tokens": done * tokens_per_step, "memory_mb": mem})
+                window_tokens, window_start = 0, time.perf_counter()
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if progress is not None:
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                progress.update(1)
+            if t.eval_interval and done % t.eval_interval == 0 and done < total_steps:
+                run_eval(done)
+                window_start = time.perf_counter()
+            if done == total_steps:
+                break
+            c = cfg.checkpoint
+            due_steps = bool(c.interval_steps) and done % c.interval_steps == 0
+            due_time = bool(c.interval_minutes) and time.monotonic() - last_save >= 60 * c.interval_minutes
+            preempt, due_time = agree([preemption.requested, due_time], device, dist)
+            if due_steps or due_time or preempt:
+                checkpoint(done)
+                last_save = time.monotonic()
+            if preempt:
+                say(f"preemption signal: checkpoint at step {done} written; exiting for requeue")
+                raise Preempted(done)
+            if done == t.stop_at_step:
+                if not (due_steps or due_time):
+                    checkpoint(done)
+                say(f"stopped at step {done} (train.stop_at_step); resume to continue")
+                metrics.close()
+                return RunResult(run_dir, {"stopped_at": done, "loss_curve": history}, engine.eval_model(), data, engine)
+    finally:
+        preemption.restore()
         if progress is not None:
-            progress.update(1)
-        if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < total_steps:
-            last_eval = run_eval(step + 1)
-            window_start = time.perf_counter()  # keep eval time out of tokens/s
-    if progress is not None:
-        progress.close()
-    last_eval = run_eval(total_steps)
+            progress.close()
 
-    save_checkpoint(run_dir / "checkpoints" / f"step_{total_steps:08d}", engine.state_dict(),
-                    {"step": total_steps, "tokens": total_steps * tokens_per_step, "loader": loader.state_dict(),
-                     "data_fingerprint": data.fingerprint, "arch": cfg.model.arch})
+    last_eval = run_eval(total_steps)
+    final = checkpoint(total_steps)
+    full = engine.full_state_dict()
     summary = {
         "arch": cfg.model.arch, "params": n_params, "flops_per_token": flops_per_token, "steps": total_steps,
         "tokens": total_steps * tokens_per_step, "train_seconds": train_seconds,
-        "tokens_per_s": total_steps * tokens_per_step / train_seconds, "peak_flops": peak,
-        "mfu": total_steps * tokens_per_step * flops_per_token / train_seconds / peak,
-        "final_train_loss": history[-1]["loss"], **last_eval, "device": str(device),
-        "data": str(data.path), "loss_curve": [h["loss"] for h in history],
+        "tokens_per_s": (total_steps - start_step) * tokens_per_step / max(train_seconds, 1e-9),
+        "peak_flops": peak, "mfu": total_steps * tokens_per_step * flops_per_token / max(train_seconds, 1e-9) / peak,
+        "final_train_loss": history[-1] if history else float("nan"), **last_eval, "device": str(device),
+        "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
+        "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
+        "loss_curve": history,
     }
-    import json
-
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics.close()
-    return RunResult(run_dir, summary, engine.model, data)
+    return RunResult(run_dir, summary, engine.eval_model(), data, engine)

@@ -11,8 +11,9 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 
 def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul (what MFU is measured against on CPU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, resumes) alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b
     best = float("inf")
     for _ in range(repeats):
