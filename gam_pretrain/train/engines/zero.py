@@ -57,9 +57,11 @@ class DeepSpeedEngine(Engine):
 
         if device.type == "cpu":
             # DeepSpeed JIT-compiles a shared-memory all-reduce (~1 min) used only for inference.
-            import deepspeed.comm.torch as ds_torch
+            import importlib
 
-            ds_torch.build_shm_op = lambda: None
+            # importlib, not `import deepspeed.comm.torch as m`: that form resolves to the torch
+            # package that deepspeed.comm re-exports under the same name.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self.device, self.dist = device, dist
         model = model.to(device)
         if engine_cfg.activation_checkpointing:
