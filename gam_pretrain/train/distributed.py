@@ -44,8 +44,11 @@ def env_dist_info() -> DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
+    """Joins the process group when launched by torchrun/deepspeed/srun (even as a single rank,
+    which FSDP2 and DeepSpeed need); a plain `python` run stays a single process without one."""
     info = env_dist_info()
-    if info.world_size > 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (info.world_size > 1 or launched) and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
