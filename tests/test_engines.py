@@ -158,3 +158,32 @@ def test_exports_from_every_engine_hold_the_same_weights_and_eval_matches(prepar
     for engine, w in weights.items():
         for name, tensor in w.items():
             torch.testing.assert_close(tensor, weights["ddp"][name], rtol=1e-5, atol=1e-6, msg=f"{engine} {name}")
+
+
+def test_preemption_signal_to_one_rank_saves_on_all_and_exits_for_requeue(prepared_small, tmp_path):
+    import psutil
+
+    steps = 400
+    extra = ["checkpoint.interval_steps=1000"]  # no periodic saves: only the preemption one
+    spec = {"runs": [{"name": "r", "overrides": overrides(prepared_small, tmp_path, "ddp", "gam", "victim", steps,
+                                                         extra)}], "out": str(tmp_path / "victim.json")}
+    proc = torchrun(spec, tmp_path, "victim")
+    metrics = tmp_path / "victim" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "scenarios.py" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: the other must learn it at the step boundary
+    proc.wait(timeout=300)
+    log = (tmp_path / "victim.log").read_text()
+    assert proc.returncode != 0 and log.count("exitcode  : 3 (pid") == 2  # both ranks exited with EXIT_REQUEUE
+    saved = sorted((tmp_path / "victim" / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file() and 6 <= int(saved[0].name[5:]) < steps
+    assert len(list(saved[0].glob("rng_rank*.pt"))) == 2  # both ranks wrote their part
+    reference = run_to_end({"runs": [{"name": "r", "overrides": overrides(prepared_small, tmp_path, "ddp", "gam",
+                                                                           "reference", steps, extra)}],
+                            "out": str(tmp_path / "ref.json")}, tmp_path, "ref")["r"]
+    resumed = run_to_end(spec, tmp_path, "victim-resumed")["r"]
+    assert resumed["params_checksum"] == reference["params_checksum"]
