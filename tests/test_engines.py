@@ -101,22 +101,7 @@ def test_engines_agree_with_each_other(prepared_small, tmp_root):
         np.testing.assert_allclose(curves["zero3"][f"straight-{arch}"]["loss_curve"], ddp, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "fsdp2"])
-def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(engine, prepared_small, tmp_path):
-    steps = 160
-    extra = ["checkpoint.interval_steps=2", "checkpoint.keep_last=1000"]
-    reference = run_to_end({"runs": [{"name": "r", "overrides": overrides(prepared_small, tmp_path, engine, "gam", "ref",
-                                                                           steps, extra)}],
-                            "out": str(tmp_path / "ref.json")}, tmp_path, "ref")["r"]
-    spec = {"runs": [{"name": "r", "overrides": overrides(prepared_small, tmp_path, engine, "gam", "victim", steps,
-                                                         extra)}], "out": str(tmp_path / "victim.json")}
-    proc = torchrun(spec, tmp_path, "victim")
-    kill_after = int(np.random.default_rng().integers(2, 20)) * 2  # a random checkpointed step, 4..38
-    checkpoints = tmp_path / "victim" / "checkpoints"
-    deadline = time.time() + 300
-    while not (checkpoints / f"step_{kill_after:08d}" / "COMPLETE").exists() and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.02)
+def kill_tree(proc: subprocess.Popen) -> None:
     import psutil  # torchrun starts its ranks in sessions of their own: kill the whole tree
 
     victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
@@ -126,10 +111,35 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(engine, prepared_sm
         except ProcessLookupError:
             pass
     proc.wait()
-    assert not (tmp_path / "victim.json").exists(), "the run finished before the kill"
-    resumed = run_to_end(spec, tmp_path, "victim-resumed")["r"]
-    assert resumed["params_checksum"] == reference["params_checksum"]
-    assert resumed["loss_curve"] == reference["loss_curve"]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(engine, prepared_small, tmp_path):
+    """One launch trains the three families in turn; it is SIGKILLed at a random checkpointed step of a
+    random family; the relaunch (same command) skips finished runs, resumes the killed one, runs the rest."""
+    steps, rng = 40, np.random.default_rng()
+    extra = ["checkpoint.interval_steps=2", "checkpoint.keep_last=1000"]
+
+    def spec(prefix):
+        return {"runs": [{"name": arch, "overrides": overrides(prepared_small, tmp_path, engine, arch,
+                                                               f"{prefix}-{arch}", steps, extra)} for arch in FAMILIES],
+                "out": str(tmp_path / f"{prefix}.json")}
+
+    reference = run_to_end(spec("ref"), tmp_path, "ref")
+    victim_family = FAMILIES[int(rng.integers(len(FAMILIES)))]
+    kill_at = int(rng.integers(2, 16)) * 2  # 4..30
+    proc = torchrun(spec("victim"), tmp_path, "victim")
+    marker = tmp_path / f"victim-{victim_family}" / "checkpoints" / f"step_{kill_at:08d}" / "COMPLETE"
+    deadline = time.time() + 400
+    while not marker.exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    kill_tree(proc)  # the launcher and both ranks, mid-step
+    assert not (tmp_path / "victim.json").exists(), "the launch finished before the kill"
+    resumed = run_to_end(spec("victim"), tmp_path, "victim-resumed")
+    for arch in FAMILIES:
+        assert resumed[arch]["params_checksum"] == reference[arch]["params_checksum"], (arch, victim_family, kill_at)
+        assert resumed[arch]["loss_curve"] == reference[arch]["loss_curve"], (arch, victim_family, kill_at)
 
 
 def test_exports_from_every_engine_hold_the_same_weights_and_eval_matches(prepared_small, tmp_root, tmp_path):
