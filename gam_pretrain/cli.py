@@ -26,11 +26,23 @@ def cmd_train(args, overrides):
     import torch.distributed as dist
 
     cfg = validate(load_config(args.config, overrides))
+    code = 0
     try:
         train(cfg)
+    except SystemExit as e:  # preemption: checkpoint written, exit status for the launcher
+        code = e.code if isinstance(e.code, int) else 1
     finally:
-        if dist.is_initialized():
+        distributed = dist.is_initialized()
+        if distributed:
             dist.destroy_process_group()
+    if distributed or code:
+        # Skip interpreter teardown after a distributed run: DeepSpeed/gloo background threads can
+        # abort the process there after everything is saved, turning a finished run into a failure.
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def cmd_quickstart(args, overrides):

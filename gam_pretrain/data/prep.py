@@ -29,7 +29,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import Source, SourceError, SourceSpec
+from .sources import Source, SourceSpec
 from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
 FORMAT = "gam-pretrain-shards"

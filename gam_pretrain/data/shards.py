@@ -141,10 +141,6 @@ class ShardLoader:
         return self._plan(self.epoch).batches_per_stream * self.workers
 
     @property
-    def num_samples(self) -> int:
-        return sum(s["samples"] for s in self.shard_list)
-
-    @property
     def epoch_progress(self) -> float:
         return self.epoch + self.batches_in_epoch / self.batches_per_epoch
 

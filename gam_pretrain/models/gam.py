@@ -19,7 +19,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .common import LMHeadModel, ModelConfig, causal_depthwise_conv
 

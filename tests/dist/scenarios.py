@@ -37,6 +37,11 @@ def main(spec_path: str) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Skip interpreter teardown: DeepSpeed/gloo background threads sometimes abort the process there
+    # ("terminate called without an active exception") after all work is done and written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
