@@ -188,7 +188,8 @@ def test_preemption_signal_to_one_rank_saves_on_all_and_exits_for_requeue(prepar
     ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: the other must learn it at the step boundary
     proc.wait(timeout=300)
     log = (tmp_path / "victim.log").read_text()
-    assert proc.returncode != 0 and log.count("exitcode  : 3 (pid") == 2  # both ranks exited with EXIT_REQUEUE
+    # the first rank to exit with EXIT_REQUEUE makes torchrun SIGTERM the other, so count at least one
+    assert proc.returncode != 0 and log.count("exitcode  : 3 (pid") >= 1
     saved = sorted((tmp_path / "victim" / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file() and 6 <= int(saved[0].name[5:]) < steps
     assert len(list(saved[0].glob("rng_rank*.pt"))) == 2  # both ranks wrote their part

@@ -25,7 +25,11 @@ def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     results = {}
     for run in spec["runs"]:
-        result = train(load_config(None, run["overrides"]), log=lambda *a: None)
+        try:
+            result = train(load_config(None, run["overrides"]), log=lambda *a: None)
+        except SystemExit as e:  # preemption: the checkpoint is written; leave with its status at once
+            sys.stdout.flush()
+            os._exit(e.code if isinstance(e.code, int) else 1)
         results[run["name"]] = {k: v for k, v in result.summary.items()}
         results[run["name"]]["state"] = {k: v.tolist() for k, v in result.engine.full_state_dict().items()} \
             if run.get("weights") else None
