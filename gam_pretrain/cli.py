@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 
 from .config import ConfigError, load_config, parse_overrides, set_value, validate
 from .data.prep import PrepConfig, PrepError
+from .launch.submit import LaunchError
 from .models.common import ModelConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -21,11 +23,14 @@ def _default_config(name: str) -> Path | None:
 
 
 def cmd_train(args, overrides):
-    from .train.loop import train
-
     import torch.distributed as dist
 
+    from .train.loop import train
+    from .train.preemption import catch_early_signals
+
     cfg = validate(load_config(args.config, overrides))
+    if "SLURM_JOB_ID" in os.environ:
+        catch_early_signals()
     code = 0
     try:
         train(cfg)
@@ -38,8 +43,6 @@ def cmd_train(args, overrides):
     if distributed or code:
         # Skip interpreter teardown after a distributed run: DeepSpeed/gloo background threads can
         # abort the process there after everything is saved, turning a finished run into a failure.
-        import os
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -73,14 +76,13 @@ def cmd_models(args, overrides):
         print(f"{r['model']:34s} {r['params']:>14,d} {r['train_flops_per_token'] / 1e9:>20.4f}")
 
 
-def cmd_prep(args, overrides):
+def prep_config_from_args(args):
     import dataclasses
 
-    from .data.prep import run_prep
     from .data.sources import SourceSpec
 
-    if overrides:
-        raise ConfigError(f"prep takes no dotted overrides: {' '.join(overrides)}; use its --options")
+    if not args.recipe:
+        raise ConfigError("prep needs a recipe (embedded, wikitext2, wikitext103, tinystories, files, hf)")
     if args.recipe in ("files", "hf"):
         splits = dict(item.split("=", 1) for item in args.split) if args.split else {"train": "train", "validation": "validation"}
         spec = SourceSpec(kind=args.recipe, path=args.path or "", name=args.name, splits=splits,
@@ -93,8 +95,57 @@ def cmd_prep(args, overrides):
     changes = {k: v for k, v in {"tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
                                  "block_size": args.block_size, "documents_per_unit": args.documents_per_unit,
                                  "samples_per_shard": args.samples_per_shard}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **changes)
-    run_prep(cfg, args.out, workers=args.workers, progress=not args.no_progress)
+    return dataclasses.replace(cfg, **changes)
+
+
+def cmd_prep(args, overrides):
+    from .data.prep import finalize_prep, plan_prep, run_prep, run_units
+
+    if overrides:
+        raise ConfigError(f"prep takes no dotted overrides: {' '.join(overrides)}; use its --options")
+    if args.phase == "all":
+        run_prep(prep_config_from_args(args), args.out, workers=args.workers, progress=not args.no_progress)
+    elif args.phase == "plan":
+        plan_prep(prep_config_from_args(args), args.out)
+    elif args.phase == "units":
+        n = run_units(args.out, args.task_index, args.task_count, workers=args.workers, progress=not args.no_progress)
+        print(f"task {args.task_index} of {args.task_count}: {n} units done")
+    else:
+        finalize_prep(args.out)
+
+
+def _launch_config(overrides: list[str]):
+    """launch.* overrides into a LaunchConfig (prep has no RunConfig to carry them)."""
+    from .config import LaunchConfig, RunConfig
+
+    holder = RunConfig()
+    for key, value in parse_overrides(overrides):
+        if not key.startswith("launch."):
+            raise ConfigError(f"launch prep takes only launch.* overrides and prep --options, not {key!r}")
+        set_value(holder, key, yaml.safe_load(value) if value != "" else "", source="command line")
+    return holder.launch
+
+
+def cmd_launch(args, overrides):
+    from .launch import launch_prep, launch_train
+
+    if args.what == "train":
+        cfg = validate(load_config(args.config, overrides))
+        job = launch_train(cfg, dry_run=args.dry_run)
+        if job is not None and args.wait:
+            results = job.results()
+            print(json.dumps(results))
+    else:
+        jobs = launch_prep(prep_config_from_args(args), args.out, _launch_config(overrides), dry_run=args.dry_run)
+        if jobs is not None and args.wait:
+            print(json.dumps(jobs[-1].result()))
+
+
+def cmd_status(args, overrides):
+    from .launch import format_status, run_status
+
+    status = run_status(args.run_dir)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
 
 
 def cmd_verify(args, overrides):
@@ -137,6 +188,23 @@ def cmd_generate(args, overrides):
     print(args.prompt + tokenizer.decode(ids))
 
 
+def add_prep_source_arguments(p) -> None:
+    p.add_argument("recipe", nargs="?", help="a data_prep recipe (embedded, wikitext2, wikitext103, tinystories), "
+                   "or 'files' / 'hf' for a custom source (not needed by --phase units/finalize)")
+    p.add_argument("--out", required=True, help="output directory (re-running resumes it)")
+    p.add_argument("--split", action="append", help="files: SPLIT=GLOB; hf: SPLIT=EXPR (repeatable)")
+    p.add_argument("--path", help="hf: dataset name, local dataset dir, or builder (json, parquet, text)")
+    p.add_argument("--name", help="hf: dataset config name")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--streaming", action="store_true", help="hf: stream instead of downloading")
+    p.add_argument("--txt-documents", choices=["file", "lines"], default="file")
+    p.add_argument("--tokenizer", help="bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--documents-per-unit", type=int)
+    p.add_argument("--samples-per-shard", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gam-pretrain",
@@ -150,23 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (default: configs/quickstart.yaml)")
     p.set_defaults(func=cmd_quickstart)
     p = sub.add_parser("prep", help="tokenize a corpus into WebDataset shards + manifest.json (resumable)")
-    p.add_argument("recipe", help="a data_prep recipe (embedded, wikitext2, wikitext103, tinystories), or "
-                   "'files' / 'hf' for a custom source")
-    p.add_argument("--out", required=True, help="output directory (re-running resumes it)")
+    add_prep_source_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--split", action="append", help="files: SPLIT=GLOB; hf: SPLIT=EXPR (repeatable)")
-    p.add_argument("--path", help="hf: dataset name, local dataset dir, or builder (json, parquet, text)")
-    p.add_argument("--name", help="hf: dataset config name")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--streaming", action="store_true", help="hf: stream instead of downloading")
-    p.add_argument("--txt-documents", choices=["file", "lines"], default="file")
-    p.add_argument("--tokenizer", help="bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--documents-per-unit", type=int)
-    p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--phase", choices=["all", "plan", "units", "finalize"], default="all",
+                   help="run one phase only (job arrays: plan once, units in every task, finalize once)")
+    p.add_argument("--task-index", type=int, default=0, help="units phase: this task's index (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--task-count", type=int, default=1, help="units phase: number of tasks sharing the units")
     p.set_defaults(func=cmd_prep)
+    p = sub.add_parser("launch", help="submit training or data prep to SLURM with submitit (--launch.* options)")
+    launch_sub = p.add_subparsers(dest="what", required=True)
+    lp = launch_sub.add_parser("train", help="a training run: config + overrides, incl. --launch.nodes, "
+                               "--launch.partition, --launch.time_minutes, ...")
+    lp.add_argument("--config", "-c", help="YAML config (may hold a launch: section)")
+    lp.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    lp.add_argument("--wait", action="store_true", help="wait for the job and print each rank's result as JSON")
+    lp.set_defaults(func=cmd_launch)
+    lp = launch_sub.add_parser("prep", help="data prep as SLURM jobs: plan -> array of unit tasks -> finalize "
+                               "(--launch.array_tasks, --launch.array_parallelism)")
+    add_prep_source_arguments(lp)
+    lp.add_argument("--dry-run", action="store_true", help="print the three sbatch scripts; submit nothing")
+    lp.add_argument("--wait", action="store_true", help="wait for the finalize job and print its split counts")
+    lp.set_defaults(func=cmd_launch)
+    p = sub.add_parser("status", help="job state, step, tokens, checkpoint, speed, ETA and requeues of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
@@ -202,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"gam-pretrain: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, PrepError) as e:
+    except (FileNotFoundError, ValueError, PrepError, LaunchError) as e:
         print(f"gam-pretrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -93,6 +93,31 @@ class LoggingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Where and how `gam-pretrain launch` submits (submitit); the trainer itself never reads it."""
+    cluster: Literal["slurm", "local"] = "slurm"  # local: a subprocess on this machine (no SLURM)
+    folder: str = ""  # submitit's job files and logs; default: <run dir>/slurm
+    job_name: str = ""  # default: the run name
+    nodes: int = 1
+    tasks_per_node: int = 0  # ranks per node; 0 = gpus_per_node, or 1 without GPUs
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0  # 0: the cluster's default; sets OMP_NUM_THREADS in the job
+    mem_gb: float = 0.0  # per node; 0: the cluster's default
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time_minutes: int = 240  # wall-clock limit of one attempt; the run requeues itself at the limit
+    signal_delay_s: int = 120  # USR2 this long before the limit: time for the synchronized save
+    max_requeues: int = 50  # attempts after the first (preemptions + time-outs)
+    array_tasks: int = 16  # prep: array tasks that share the work units
+    array_parallelism: int = 16  # array tasks running at once
+    sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options, "--name=value" or "--flag"
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load, source venv): shell code by design
+    python: str = ""  # interpreter on the compute nodes; default: the one running `launch`
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +126,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # ---- reading and writing ------------------------------------------------------------------------
@@ -127,6 +153,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_dict(cfg, data, source=str(p))
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, yaml.safe_load(value) if value != "" else "", source="command line")
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """A RunConfig from `to_dict` output (a resolved config carried into a job)."""
+    cfg = RunConfig()
+    apply_dict(cfg, data, source="a saved config")
     return cfg
 
 
@@ -205,6 +238,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(items)]
     if hint is bool:
         if isinstance(value, bool):
             return value

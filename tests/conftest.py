@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +42,33 @@ def prepared_small(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "embedded"
     run_prep(small_prep_config(), out, workers=1, log=lambda *a: None, progress=False)
     return ShardSet(out)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM on localhost (munge, mariadb, slurmdbd, slurmctld, two slurmd), started by
+    tools/local_slurm.py for this session and always torn down by PID. Installs the Debian packages
+    when run as root (CI); elsewhere, without SLURM installed, the SLURM tests are skipped."""
+    if os.environ.get("GAM_SKIP_SLURM") == "1":
+        pytest.skip("GAM_SKIP_SLURM=1")
+    if os.geteuid() != 0 and not shutil.which("slurmctld"):
+        pytest.skip("needs SLURM installed, or root to install it (CI runs as root)")
+    state = Path(os.environ.get("GAM_SLURM_STATE", f"/tmp/gam-pretrain-slurm-test-{os.getuid()}"))
+    script = [sys.executable, str(REPO / "tools" / "local_slurm.py")]
+    up = subprocess.run([*script, "up", "--state", str(state)], capture_output=True, text=True)
+    if up.returncode != 0:
+        subprocess.run([*script, "down", "--state", str(state)])
+        pytest.fail(f"could not start the local SLURM cluster:\n{up.stderr[-4000:]}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield state
+    finally:
+        subprocess.run([*script, "down", "--state", str(state)], capture_output=True)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous

@@ -216,6 +216,31 @@ def test_streaming_prep_matches_regular_prep(tmp_path, tokenizer_file):
     assert [m["splits"] for m in manifests][0] == [m["splits"] for m in manifests][1]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_prep_in_phases_as_array_tasks_matches_one_process(tmp_path, tokenizer_file, streaming):
+    """plan, then 3 'array tasks' (out of order), then finalize == run_prep; finalize refuses early."""
+    from gam_pretrain.data.prep import finalize_prep, plan_prep, run_units
+
+    write_jsonl(tmp_path / "train.jsonl", STORIES * 4)
+    write_jsonl(tmp_path / "validation.jsonl", STORIES[:10])
+    files = {"train": [str(tmp_path / "train.jsonl")], "validation": [str(tmp_path / "validation.jsonl")]}
+    spec = SourceSpec(kind="hf", path="json", data_files=files, streaming=streaming)
+    cfg = small_prep_config(source=spec, tokenizer=tokenizer_file, block_size=16, documents_per_unit=7)
+    run_prep(cfg, tmp_path / "whole", **QUIET)
+    out = tmp_path / "phased"
+    plan_prep(cfg, out, log=lambda *a: None)
+    run_units(out, 2, 3)
+    with pytest.raises(PrepError, match="not done yet"):
+        finalize_prep(out, log=lambda *a: None)
+    run_units(out, 0, 3)
+    run_units(out, 1, 3)
+    finalize_prep(out, log=lambda *a: None)
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "whole" / "manifest.json").read_bytes()
+    assert shard_hashes(out) == shard_hashes(tmp_path / "whole")
+    with pytest.raises(PrepError, match="outside"):
+        run_units(out, 3, 3)
+
+
 def test_bad_inputs_fail_with_one_clear_message(tmp_path, tokenizer_file):
     missing = small_prep_config(source=SourceSpec(kind="files", splits={"train": str(tmp_path / "nope*.txt")}))
     with pytest.raises(SourceError, match="no file matches"):

@@ -3,6 +3,7 @@
 Layout of an output directory:
 
     tokenizer.json                 the tokenizer (trained on the train split, or copied in)
+    plan.json                      the config and each split's number of work units
     <split>-<unit>-<k>.tar         shards: WebDataset tars, one sample per packed sequence
     .units/<split>-<unit>.json     completion record of one work unit (its shards and their hashes)
     manifest.json                  written last: every shard with samples, tokens and sha256
@@ -11,6 +12,10 @@ A work unit is "documents [u*D, (u+1)*D) of one split". Units are independent an
 so 1 worker or N workers, one run or a killed run finished later, give byte-identical shards.
 Each shard is written under a temporary name and renamed when complete; a unit's record is
 written after its shards; a unit with a valid record is skipped when prep runs again.
+
+Three phases, run in one process by `run_prep` or as SLURM jobs (`gam-pretrain launch prep`):
+plan (once: tokenizer + unit counts), units (any number of tasks, task i takes units i, i+n, ...),
+finalize (once: manifest.json from the unit records).
 
 Packing (as the paper did for WikiText): a unit's documents are tokenized, joined with an <eos>
 token after each, and cut into windows of block_size + 1 tokens that overlap by one token
@@ -159,8 +164,7 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
 
 def _unit_worker(args):
     cfg_dict, out_dir, split, unit = args
-    cfg = PrepConfig(source=SourceSpec(**cfg_dict["source"]), **{k: v for k, v in cfg_dict.items() if k != "source"})
-    return process_unit(cfg, Path(out_dir), split, unit)
+    return process_unit(prep_config_from_dict(cfg_dict), Path(out_dir), split, unit)
 
 
 # ---- the whole prep ---------------------------------------------------------------------------
@@ -192,21 +196,23 @@ def _config_dict(cfg: PrepConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, progress: bool = True) -> dict:
+def prep_config_from_dict(d: dict) -> PrepConfig:
+    return PrepConfig(source=SourceSpec(**d["source"]), **{k: v for k, v in d.items() if k != "source"})
+
+
+def plan_prep(cfg: PrepConfig, out_dir: str | Path, log=print) -> dict:
+    """Phase 1 (once): record the config, train or copy the tokenizer, count each split's units.
+    Writes plan.json; the units phase (any number of tasks) and finalize read it."""
     out_dir = Path(out_dir)
     (out_dir / UNIT_DIR).mkdir(parents=True, exist_ok=True)
-    cfg_dict = _config_dict(cfg)
+    cfg_dict = json.loads(json.dumps(_config_dict(cfg)))
     config_file = out_dir / ".prep_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(cfg_dict)):
+    if config_file.is_file() and json.loads(config_file.read_text()) != cfg_dict:
         raise PrepError(f"{out_dir} holds a prep with a different configuration; use another output directory")
     _write_atomic(config_file, json.dumps(cfg_dict, indent=1).encode())
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; workers are the parallelism
     source = Source(cfg.source)
-    started = time.perf_counter()
     prepare_tokenizer(cfg, out_dir, source, log=log)
-    tokenizer_sha = sha256_file(out_dir / "tokenizer.json")
-    vocab_size = load_tokenizer(out_dir / "tokenizer.json").get_vocab_size()
-
     units: dict[str, int | None] = {}
     for split in cfg.splits:
         n_docs = source.num_documents(split)
@@ -215,52 +221,107 @@ def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, 
         units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
         log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in "
             f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
-    records = _run_units(cfg_dict, cfg, out_dir, units, workers, progress)
-    for split in cfg.splits:
+    plan = {"config": cfg_dict, "units": units}
+    _write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1).encode())
+    return plan
+
+
+def read_plan(out_dir: str | Path) -> tuple[PrepConfig, dict[str, int | None]]:
+    path = Path(out_dir) / "plan.json"
+    if not path.is_file():
+        raise PrepError(f"no plan.json in {out_dir}: run the plan phase first (`gam-pretrain prep ... --phase plan`)")
+    plan = json.loads(path.read_text())
+    return prep_config_from_dict(plan["config"]), plan["units"]
+
+
+def run_units(out_dir: str | Path, task_index: int = 0, task_count: int = 1, workers: int = 1,
+              progress: bool = False) -> int:
+    """Phase 2: the units of every split whose number is task_index modulo task_count (one task of
+    a job array, or all of them with 0 of 1). Finished units are skipped. Returns units processed."""
+    if not 0 <= task_index < task_count:
+        raise PrepError(f"task index {task_index} is outside 0..{task_count - 1}")
+    out_dir = Path(out_dir)
+    cfg, units = read_plan(out_dir)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return _run_units(_config_dict(cfg), cfg, out_dir, units, workers, progress, task_index, task_count)
+
+
+def finalize_prep(out_dir: str | Path, log=print) -> dict:
+    """Phase 3 (once, after every unit): the manifest from the unit records."""
+    out_dir = Path(out_dir)
+    cfg, units = read_plan(out_dir)
+    records: dict[str, list[dict]] = {}
+    for split, n in units.items():
+        records[split] = []
+        unit = 0
+        while n is None or unit < n:
+            path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
+            if not path.is_file():
+                if n is None and records[split] and records[split][-1]["documents"] < cfg.documents_per_unit:
+                    break
+                raise PrepError(f"unit {unit} of split {split!r} is not done yet ({path.name} missing); "
+                                "run the units phase again (finished units are kept)")
+            record = json.loads(path.read_text())
+            if record["documents"] or unit == 0:
+                records[split].append(record)
+            if n is None and record["documents"] < cfg.documents_per_unit:
+                break
+            unit += 1
         if sum(r["tokens"] for r in records[split]) == 0:
             raise PrepError(f"split {split!r} produced no tokens (empty documents?)")
-    manifest = build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source)
+    vocab_size = load_tokenizer(out_dir / "tokenizer.json").get_vocab_size()
+    manifest = build_manifest(cfg, _config_dict(cfg), records, sha256_file(out_dir / "tokenizer.json"), vocab_size,
+                              Source(cfg.source))
     _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    for split, info in manifest["splits"].items():
+        log(f"{split}: {info['documents']:,} documents -> {info['samples']:,} samples of {cfg.block_size + 1} tokens "
+            f"in {len(info['shards'])} shards ({info['replaced_characters']} replaced characters)")
+    return manifest
+
+
+def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, progress: bool = True) -> dict:
+    """All three phases in this process (units through a pool of `workers`)."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    plan_prep(cfg, out_dir, log=log)
+    run_units(out_dir, 0, 1, workers=workers, progress=progress)
+    manifest = finalize_prep(out_dir, log=log)
     seconds = time.perf_counter() - started
     total_tokens = sum(s["tokens"] for s in manifest["splits"].values())
     stats = {"seconds": seconds, "workers": workers, "tokens": total_tokens, "tokens_per_s": total_tokens / seconds}
     (out_dir / "prep_stats.json").write_text(json.dumps(stats, indent=1))
-    for split, info in manifest["splits"].items():
-        log(f"{split}: {info['documents']:,} documents -> {info['samples']:,} samples of {cfg.block_size + 1} tokens "
-            f"in {len(info['shards'])} shards ({info['replaced_characters']} replaced characters)")
     log(f"wrote {out_dir / 'manifest.json'} in {seconds:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s)")
     return manifest
 
 
-def _run_units(cfg_dict, cfg, out_dir, units: dict[str, int | None], workers, progress) -> dict[str, list[dict]]:
-    """All units of all splits through one pool (no barrier between splits). Splits of unknown
-    size (streaming) go last, in waves, until a unit comes back short."""
+def _run_units(cfg_dict, cfg, out_dir, units: dict[str, int | None], workers, progress,
+               task_index: int = 0, task_count: int = 1) -> int:
+    """This task's units of all splits through one pool (no barrier between splits). Splits of
+    unknown size (streaming) go last, in waves, until a unit comes back short."""
     from tqdm.auto import tqdm
 
-    known_total = sum(n for n in units.values() if n is not None)
-    bar = tqdm(total=known_total, desc="prep", unit="unit", disable=not progress)
-    records: dict[str, list[dict]] = {split: [] for split in units}
-    tokens, t0 = 0, time.perf_counter()
+    mine = range(task_index, 1 << 40, task_count)
+    known = [(split, u) for split, n in units.items() if n is not None for u in range(task_index, n, task_count)]
+    bar = tqdm(total=len(known), desc="prep", unit="unit", disable=not progress)
+    tokens, done, t0 = 0, 0, time.perf_counter()
 
     def collect(record):
-        nonlocal tokens
-        if record["documents"] or record["unit"] == 0:
-            records[record["split"]].append(record)
+        nonlocal tokens, done
         tokens += record["tokens"]
+        done += 1
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
 
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     run = pool.imap_unordered if pool else map
     try:
-        jobs = [(cfg_dict, str(out_dir), split, u) for split, n in units.items() if n is not None for u in range(n)]
-        for record in run(_unit_worker, jobs):
+        for record in run(_unit_worker, [(cfg_dict, str(out_dir), split, u) for split, u in known]):
             collect(record)
         for split in (s for s, n in units.items() if n is None):
             first, wave_size = 0, max(workers, 1) * 4
             while True:
-                wave = list(run(_unit_worker, [(cfg_dict, str(out_dir), split, u)
-                                               for u in range(first, first + wave_size)]))
+                wave = list(run(_unit_worker, [(cfg_dict, str(out_dir), split, mine[i])
+                                               for i in range(first, first + wave_size)]))
                 for record in wave:
                     collect(record)
                 if any(r["documents"] < cfg.documents_per_unit for r in wave):
@@ -270,7 +331,7 @@ def _run_units(cfg_dict, cfg, out_dir, units: dict[str, int | None], workers, pr
         if pool:
             pool.terminate()
         bar.close()
-    return {split: sorted(recs, key=lambda r: r["unit"]) for split, recs in records.items()}
+    return done
 
 
 def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) -> dict:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,7 +58,11 @@ def seed_everything(seed: int) -> None:
 
 
 def make_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
-    name = cfg.train.run_name or f"{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # Under SLURM the default name comes from the job id, which a requeued job keeps: it resumes there.
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    default = f"slurm{job}" + (f"_{task}" if task else "") if job else datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = cfg.train.run_name or f"{cfg.model.arch}-{default}"
     if dist.world_size > 1:  # every rank must use rank 0's name
         box = [name]
         tdist.broadcast_object_list(box, src=0)
@@ -66,6 +72,15 @@ def make_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     return run_dir
+
+
+def record_attempt(run_dir: Path, event: dict) -> None:
+    """One line per start, preemption and finish in attempts.jsonl (read by `gam-pretrain status`)."""
+    env = os.environ
+    record = {"time": time.time(), "host": socket.gethostname(), "slurm_job_id": env.get("SLURM_JOB_ID"),
+              "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)), **event}
+    with open(run_dir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def params_checksum(state_dict: dict[str, torch.Tensor]) -> str:
@@ -140,6 +155,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         say(f"resumed from {resume_from} at step {start_step}")
     if dist.is_main:
         dump_yaml(cfg, run_dir / "config.yaml")
+        record_attempt(run_dir, {"event": "start", "start_step": start_step, "total_steps": total_steps,
+                                 "tokens_per_step": tokens_per_step, "world_size": dist.world_size,
+                                 "resumed_from": str(resume_from) if resume_from else None})
     metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
     peak = peak_flops(device, t.peak_flops)
     say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} steps "
@@ -210,6 +228,8 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                 last_save = time.monotonic()
             if preempt:
                 say(f"preemption signal: checkpoint at step {done} written; exiting for requeue")
+                if dist.is_main:
+                    record_attempt(run_dir, {"event": "preempted", "step": done, "signal": preemption.name})
                 raise Preempted(done)
             if done == t.stop_at_step:
                 if not (due_steps or due_time):
@@ -237,5 +257,6 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     }
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        record_attempt(run_dir, {"event": "finished", "step": total_steps})
     metrics.close()
     return RunResult(run_dir, summary, engine.eval_model(), data, engine)

@@ -11,11 +11,27 @@ import threading
 
 EXIT_REQUEUE = 3
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+_early_signal: int | None = None
+
+
+def _remember_early(signum, frame) -> None:
+    global _early_signal
+    _early_signal = signum
+
+
+def catch_early_signals() -> None:
+    """Call first thing in a launched job: a signal that arrives while data and engine are still
+    being set up is remembered (not fatal) and honoured at the first step boundary."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _remember_early)
 
 
 class PreemptionFlag:
     def __init__(self, install: bool = True):
-        self.signum: int | None = None
+        global _early_signal
+        self.signum: int | None = _early_signal
+        _early_signal = None
         self._previous = {}
         if install and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -23,6 +39,10 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:  # no I/O, no collectives: just remember it
         self.signum = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
 
     @property
     def requested(self) -> bool:
