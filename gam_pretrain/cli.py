@@ -22,13 +22,14 @@ def _default_config(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def cmd_train(args, overrides):
+def train_in_this_process(cfg) -> None:
+    """Train one run as a launched process would: early signals caught under SLURM, the preemption
+    exit status kept, interpreter teardown skipped after a distributed run."""
     import torch.distributed as dist
 
     from .train.loop import train
     from .train.preemption import catch_early_signals
 
-    cfg = validate(load_config(args.config, overrides))
     if "SLURM_JOB_ID" in os.environ:
         catch_early_signals()
     code = 0
@@ -46,6 +47,10 @@ def cmd_train(args, overrides):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def cmd_train(args, overrides):
+    train_in_this_process(validate(load_config(args.config, overrides)))
 
 
 def cmd_quickstart(args, overrides):
@@ -148,6 +153,96 @@ def cmd_status(args, overrides):
     print(json.dumps(status, indent=1) if args.json else format_status(status))
 
 
+def _sweep(args, overrides):
+    from .sweep.spec import check_spec, expand, load_spec
+
+    spec = load_spec(args.spec)
+    for key, value in parse_overrides(overrides):
+        set_value(spec, key, yaml.safe_load(value) if value != "" else "", source="command line")
+    spec = check_spec(spec)
+    return spec, expand(spec)
+
+
+def cmd_sweep(args, overrides):
+    from .sweep.runner import format_status, run_local, run_slurm, write_records, write_run_record
+
+    spec, runs = _sweep(args, overrides)
+    if args.list:
+        for run in runs:
+            print(f"{run.index}\t{run.config.train.run_name}")
+        print(f"# {len(runs)} runs: sbatch --array=0-{len(runs) - 1} slurm/sweep_array.sbatch {args.spec}", file=sys.stderr)
+        return
+    if args.status:
+        print(format_status(spec, runs))
+        return
+    if args.run_index is not None:
+        if not 0 <= args.run_index < len(runs):
+            raise ConfigError(f"--run-index {args.run_index} is outside 0..{len(runs) - 1}")
+        run = runs[args.run_index]
+        write_run_record(run)
+        if (run.run_dir / "summary.json").is_file():
+            print(f"{run.config.train.run_name}: done already")
+            return
+        train_in_this_process(run.config)
+        return
+    if not args.dry_run:
+        write_records(spec, runs)
+    if args.slurm or args.dry_run:
+        jobs = run_slurm(spec, runs, dry_run=args.dry_run)
+        if args.wait and jobs:
+            for job in jobs:
+                job.results()
+            print(format_status(spec, runs))
+    else:
+        run_local(spec, runs, parallel=args.parallel)
+        print(format_status(spec, runs))
+
+
+def cmd_fit(args, overrides):
+    from .sweep.fit import FitError
+    from .sweep.report import collect, fit_sweep, format_report, write_outputs
+
+    target = Path(args.sweep)
+    if target.is_file():
+        spec, _ = _sweep(argparse.Namespace(spec=target), overrides)
+        sweep_dir = Path(spec.out_dir)
+    else:
+        sweep_dir = target
+    try:
+        result = fit_sweep(collect(sweep_dir, params=args.params), bootstrap=args.bootstrap)
+    except FitError as e:
+        raise ConfigError(str(e)) from None
+    print(format_report(result))
+    for path in write_outputs(result, args.out or sweep_dir / "fit"):
+        print(f"wrote {path}")
+
+
+def cmd_ladder(args, overrides):
+    from .sweep.ladder import FAMILIES, WIDTHS, ladder
+
+    base = ModelConfig()
+    for key, value in parse_overrides(overrides):
+        set_value(base, key.removeprefix("model."), yaml.safe_load(value), source="command line")
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else WIDTHS
+    rows = []
+    for family in ([args.family] if args.family else list(FAMILIES)):
+        for rung in ladder(family, widths, base):
+            rows.append({"family": family, "width": rung.width, "n_layers": rung.config.n_layers,
+                         "n_heads": rung.config.n_heads if family == "transformer" else None,
+                         "params": rung.params, "non_embedding_params": rung.non_embedding_params,
+                         "train_flops_per_token": rung.flops_per_token,
+                         "flops_per_token_over_6N": rung.flops_per_token / (6 * rung.params)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"vocab {base.vocab_size}, block {base.block_size}; FLOPs per token from each family's own matmuls")
+    print(f"{'family':12s} {'width':>5s} {'layers':>6s} {'heads':>5s} {'params':>15s} {'non-embedding':>15s} "
+          f"{'train GFLOPs/tok':>16s} {'/ 6N':>6s}")
+    for r in rows:
+        print(f"{r['family']:12s} {r['width']:>5d} {r['n_layers']:>6d} {r['n_heads'] or '-':>5} {r['params']:>15,d} "
+              f"{r['non_embedding_params']:>15,d} {r['train_flops_per_token'] / 1e9:>16.4f} {r['flops_per_token_over_6N']:>6.2f}")
+
+
 def cmd_verify(args, overrides):
     from .data.prep import verify
 
@@ -244,6 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("ladder", help="model-size ladders: per family and width, the layers, heads, parameters and FLOPs")
+    p.add_argument("--family", choices=["gam", "transformer", "mamba"])
+    p.add_argument("--widths", help="comma-separated widths (default: the whole ladder)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ladder)
+    p = sub.add_parser("sweep", help="run a sweep spec: locally, or as a SLURM job array (--slurm); finished runs are skipped")
+    p.add_argument("spec", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--parallel", type=int, default=1, help="local runs at a time")
+    p.add_argument("--slurm", action="store_true", help="submit the unfinished runs as one job array (run.launch.* settings)")
+    p.add_argument("--dry-run", action="store_true", help="print the job array's sbatch script; submit nothing")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the array, then print the status")
+    p.add_argument("--status", action="store_true", help="print each run's state and result, run nothing")
+    p.add_argument("--list", action="store_true", help="print the runs with their indices, run nothing")
+    p.add_argument("--run-index", type=int, help="train only run I (what slurm/sweep_array.sbatch calls per array task)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("fit", help="fit L(N, D) per family from a sweep's finished runs; JSON + PNG plots")
+    p.add_argument("sweep", help="a sweep spec YAML or its output directory")
+    p.add_argument("--out", help="output directory (default: <sweep dir>/fit)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
+    p.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
+                   help="N = non-embedding (default, as Kaplan et al.) or all parameters")
+    p.set_defaults(func=cmd_fit)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)

@@ -138,19 +138,23 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Any = None) -> RunConfig:
     cfg = base if base is not None else RunConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
-        apply_dict(cfg, data, source=str(p))
+        apply_dict(cfg, read_yaml_mapping(path), source=str(path))
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, yaml.safe_load(value) if value != "" else "", source="command line")
     return cfg

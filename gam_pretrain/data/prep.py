@@ -70,7 +70,7 @@ def tokenizer_dtype(vocab_size: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers of one file stay safe
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -99,7 +99,7 @@ def render_script(executor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
-def _submit(what: str, fn):
+def submit_to_slurm(what: str, fn):
     if not shutil.which("sbatch"):
         raise LaunchError(NO_SBATCH)
     try:
@@ -109,7 +109,7 @@ def _submit(what: str, fn):
         raise LaunchError(f"SLURM refused the {what}: {said}") from None
 
 
-def _map_array(executor, fn, *iterables):
+def map_array(executor, fn, *iterables):
     """executor.map_array, keeping launch.python: submitit 1.5 builds a fresh SlurmExecutor for the
     array and would fall back to this process's interpreter (unlike the dry run's script)."""
     module = sys.modules[type(executor).__module__]
@@ -144,7 +144,7 @@ def launch_train(cfg: RunConfig, dry_run: bool = False, log=print):
     if launch.cluster == "local":
         job = executor.submit(TrainJob(to_dict(cfg)))
     else:
-        job = _submit("training job", lambda: executor.submit(TrainJob(to_dict(cfg))))
+        job = submit_to_slurm("training job", lambda: executor.submit(TrainJob(to_dict(cfg))))
     run_dir.mkdir(parents=True, exist_ok=True)
     _record(run_dir, {"job_id": str(job.job_id), "cluster": launch.cluster, "submitted": time.time(),
                       "folder": str(folder.resolve()), "nodes": launch.nodes, "tasks_per_node": ntasks,
@@ -184,11 +184,11 @@ def launch_prep(prep_cfg, out_dir: str | Path, launch: LaunchConfig, dry_run: bo
         units = [executor("units", None).submit(prep_units_job, str(out_dir), i, n) for i in range(n)]
         [u.result() for u in units]
         return [plan, *units, executor("finalize", None).submit(prep_finalize_job, str(out_dir))]
-    plan = _submit("prep plan job", lambda: executor("plan", None).submit(prep_plan_job, cfg_dict, str(out_dir)))
-    units = _submit("prep units array", lambda: _map_array(executor("units", f"afterok:{plan.job_id}"),
+    plan = submit_to_slurm("prep plan job", lambda: executor("plan", None).submit(prep_plan_job, cfg_dict, str(out_dir)))
+    units = submit_to_slurm("prep units array", lambda: map_array(executor("units", f"afterok:{plan.job_id}"),
                                                            prep_units_job, [str(out_dir)] * n, list(range(n)), [n] * n))
     array_id = str(units[0].job_id).split("_")[0]
-    final = _submit("prep finalize job", lambda: executor("finalize", f"afterok:{array_id}").submit(
+    final = submit_to_slurm("prep finalize job", lambda: executor("finalize", f"afterok:{array_id}").submit(
         prep_finalize_job, str(out_dir)))
     log(f"submitted prep of {out_dir}: plan {plan.job_id} -> units array {array_id} ({n} tasks) -> finalize "
         f"{final.job_id}; logs in {folder}")

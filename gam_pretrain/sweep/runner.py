@@ -1,0 +1,138 @@
+"""Running a sweep: locally (one run after another, or N at a time) or as a SLURM job array.
+
+Each run is a plain training run in its content-addressed directory, so the trainer's own
+machinery does the bookkeeping: a finished run has summary.json and is skipped; an interrupted
+one resumes from its latest complete checkpoint (`checkpoint.resume: auto`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+from ..config import config_from_dict, to_dict
+from ..train.checkpoint import complete_checkpoints
+from .spec import SweepRun, SweepSpec
+
+RUN_RECORD = "sweep_run.json"
+
+
+def run_state(run: SweepRun) -> dict:
+    run_dir = run.run_dir
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return {"state": "done", "step": summary["steps"], "val_loss": summary.get("val_loss")}
+    checkpoints = complete_checkpoints(run_dir)
+    if checkpoints:
+        return {"state": "partial", "step": checkpoints[-1][0], "val_loss": None}
+    return {"state": "pending", "step": 0, "val_loss": None}
+
+
+def write_run_record(run: SweepRun) -> None:
+    """What `fit` reads besides summary.json: family, width, budget, parameters, FLOPs per token."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / RUN_RECORD).write_text(json.dumps(run.describe(), indent=1))
+
+
+def write_records(spec: SweepSpec, runs: list[SweepRun]) -> None:
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"name": spec.name, "runs": [r.describe() for r in runs]}, indent=1))
+    for run in runs:
+        write_run_record(run)
+
+
+def prepare_data(spec: SweepSpec, runs: list[SweepRun], log=print) -> None:
+    """Prep (or check) the data once, before runs start in parallel or on other machines."""
+    from ..data.cache import open_training_data
+
+    for run in runs:
+        open_training_data(run.config.data, run.config.model, log=log)
+        break
+
+
+def _train_one(cfg_dict: dict, threads: int) -> str:
+    import torch
+
+    from ..train.loop import train
+
+    torch.set_num_threads(threads)
+    result = train(config_from_dict(cfg_dict), log=lambda *a, **k: None)
+    return str(result.run_dir)
+
+
+def run_local(spec: SweepSpec, runs: list[SweepRun], parallel: int = 1, log=print) -> list[SweepRun]:
+    """Trains every run that is not done; returns those it trained."""
+    todo = [r for r in runs if run_state(r)["state"] != "done"]
+    log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to train "
+        f"({parallel} at a time)")
+    if not todo:
+        return []
+    prepare_data(spec, todo, log=log)
+    if parallel <= 1:
+        from ..train.loop import train
+
+        for i, run in enumerate(todo, 1):
+            state = run_state(run)
+            log(f"[{i}/{len(todo)}] {run.config.train.run_name}"
+                + (f" (resuming at step {state['step']})" if state["state"] == "partial" else ""))
+            train(run.config, log=lambda *a, **k: None)
+        return todo
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    context = multiprocessing.get_context("spawn")  # no forking of a process that already holds torch threads
+    with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
+        futures = {pool.submit(_train_one, to_dict(r.config), threads): r for r in todo}
+        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            log(f"[{i}/{len(todo)}] {Path(future.result()).name} done")
+    return todo
+
+
+def run_array_job(cfg_dict: dict) -> dict:
+    """One run as one task of a submitit job array (preemption/requeue as for `launch train`)."""
+    from ..launch.jobs import TrainJob
+
+    return TrainJob(cfg_dict)()
+
+
+def run_slurm(spec: SweepSpec, runs: list[SweepRun], dry_run: bool = False, log=print):
+    """The runs that are not done, as one job array (`launch.array_parallelism` at a time)."""
+    from ..launch.submit import make_executor, map_array, render_script, submit_to_slurm, tasks_per_node
+
+    todo = [r for r in runs if run_state(r)["state"] != "done"]
+    launch = spec.run.launch
+    folder = Path(launch.folder) if launch.folder else Path(spec.out_dir) / "slurm"
+    executor = make_executor(launch, folder, launch.job_name or f"sweep-{spec.name}", tasks_per_node(launch),
+                             dry_run=dry_run)
+    if dry_run:
+        if hasattr(executor, "parameters"):
+            executor.parameters["map_count"] = max(len(todo), 1)
+        log(render_script(executor), end="")
+        return []
+    log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} submitted as a job array")
+    if not todo:
+        return []
+    prepare_data(spec, todo, log=log)
+    jobs = submit_to_slurm("sweep job array", lambda: map_array(executor, run_array_job, [to_dict(r.config) for r in todo]))
+    record = Path(spec.out_dir) / "launch.json"
+    entries = json.loads(record.read_text()) if record.is_file() else []
+    entries.append({"array_job_id": str(jobs[0].job_id).split("_")[0], "runs": [r.config.train.run_name for r in todo]})
+    record.write_text(json.dumps(entries, indent=1))
+    log(f"submitted job array {entries[-1]['array_job_id']} ({len(todo)} tasks); logs in {folder}")
+    return jobs
+
+
+def format_status(spec: SweepSpec, runs: list[SweepRun]) -> str:
+    states = [run_state(r) for r in runs]
+    counts = {k: sum(s["state"] == k for s in states) for k in ("done", "partial", "pending")}
+    lines = [f"sweep {spec.name} in {spec.out_dir}: {len(runs)} runs - {counts['done']} done, "
+             f"{counts['partial']} partial, {counts['pending']} pending",
+             f"{'#':>3} {'family':12s} {'width':>5s} {'params':>12s} {'budget':>10s} {'lr':>9s} {'seed':>5s} "
+             f"{'state':8s} {'step':>12s} {'val loss':>9s}"]
+    for run, s in zip(runs, states):
+        loss = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "-"
+        lines.append(f"{run.index:>3d} {run.family:12s} {run.width:>5d} {run.rung.params:>12,d} {run.budget:>10.3g} "
+                     f"{run.lr:>9.3g} {run.seed:>5d} {s['state']:8s} {s['step']:>6d}/{run.config.train.max_steps:<5d} "
+                     f"{loss:>9s}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Sweep specs (YAML) and their expansion into runs with content-addressed run directories.
+
+    name: tiny-cpu
+    base: ../quickstart.yaml        # optional run config the `run:` section is applied over
+    run: {data: {...}, train: {batch_size: 8}, ...}   # any run-config keys (all sections)
+    families: [gam, transformer, mamba]
+    widths: [16, 24, 32]            # ladder rungs (gam_pretrain/sweep/ladder.py)
+    tokens: [20000, 40000]          # token budgets ... or
+    flops: [1.0e11, 3.0e11]         # isoFLOP budgets: each rung trains C / (FLOPs per token) tokens
+    lr: {rule: scaled, value: 3.0e-3, base_width: 64}   # constant | scaled (value * base_width / width) | grid
+    seeds: [1337]
+    out_dir: runs/sweeps/tiny-cpu
+
+A run's directory name ends in a hash of everything that shapes its result (model, data, optimizer,
+schedule, steps, seed, engine), so running a spec again finds its finished runs (skipped) and
+interrupted ones (resumed from their checkpoints), and a changed spec gets new directories.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, RunConfig, apply_dict, read_yaml_mapping, to_dict, validate
+from .ladder import FAMILIES, Rung, measure, rung_config
+
+
+@dataclass
+class LrRule:
+    rule: Literal["constant", "scaled", "grid"] = "scaled"
+    value: float = 3e-4  # constant: the lr; scaled: the lr at base_width
+    base_width: int = 512  # scaled: lr = value * base_width / width
+    grid: list[float] = field(default_factory=list)  # grid: every run at every lr (the best per point is fitted)
+
+
+@dataclass
+class SweepSpec:
+    name: str = "sweep"
+    base: str = ""  # a run config YAML (relative to the spec file) under the `run` section
+    run: RunConfig = field(default_factory=RunConfig)
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    tokens: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    lr: LrRule = field(default_factory=LrRule)
+    seeds: list[int] = field(default_factory=lambda: [1337])
+    out_dir: str = ""  # default: runs/sweeps/<name>
+    checkpoints_per_run: int = 4  # a checkpoint every 1/k of a run's steps (for resuming)
+    warmup_fraction: float = 0.1  # warm-up = min(run.optim.warmup_steps, this fraction of the run)
+
+
+@dataclass
+class SweepRun:
+    index: int
+    family: str
+    width: int
+    budget_kind: str  # tokens | flops
+    budget: float
+    lr: float
+    seed: int
+    rung: Rung
+    config: RunConfig
+    run_id: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.train.out_dir) / self.config.train.run_name
+
+    def describe(self) -> dict:
+        return {"index": self.index, "family": self.family, "width": self.width, "budget_kind": self.budget_kind,
+                "budget": self.budget, "lr": self.lr, "seed": self.seed, "run_id": self.run_id,
+                "params": self.rung.params, "non_embedding_params": self.rung.non_embedding_params,
+                "flops_per_token": self.rung.flops_per_token, "steps": self.config.train.max_steps,
+                "tokens": self.config.train.max_steps * tokens_per_step(self.config)}
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    data = read_yaml_mapping(path, "sweep spec")
+    spec = SweepSpec()
+    base = data.pop("base", "")
+    if base:
+        base_path = path.parent / base  # an absolute base stays absolute
+        apply_dict(spec.run, read_yaml_mapping(base_path, f"{path}: base config"), source=str(base_path))
+        spec.base = str(base_path)
+    apply_dict(spec, data, source=str(path))
+    if not spec.out_dir:
+        spec.out_dir = str(Path("runs") / "sweeps" / spec.name)
+    return check_spec(spec)
+
+
+def check_spec(spec: SweepSpec) -> SweepSpec:
+    unknown = [f for f in spec.families if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown families {unknown}; valid: {', '.join(FAMILIES)}")
+    if bool(spec.tokens) == bool(spec.flops):
+        raise ConfigError("a sweep sets exactly one of 'tokens' (token budgets) or 'flops' (isoFLOP budgets)")
+    if any(b <= 0 for b in spec.tokens + spec.flops):
+        raise ConfigError("budgets must be positive")
+    if not spec.widths or not spec.families or not spec.seeds:
+        raise ConfigError("a sweep needs at least one family, width and seed")
+    if spec.lr.rule == "grid" and not spec.lr.grid:
+        raise ConfigError("lr.rule 'grid' needs lr.grid: [values]")
+    for w in spec.widths:
+        try:
+            rung_config("gam", w)
+        except ValueError as e:
+            raise ConfigError(f"widths: {e}") from None
+    validate(spec.run)
+    return spec
+
+
+def learning_rates(spec: SweepSpec, width: int) -> list[float]:
+    if spec.lr.rule == "grid":
+        return list(spec.lr.grid)
+    if spec.lr.rule == "scaled":
+        return [spec.lr.value * spec.lr.base_width / width]
+    return [spec.lr.value]
+
+
+def world_size(cfg: RunConfig) -> int:
+    launch = cfg.launch
+    return launch.nodes * (launch.tasks_per_node or max(launch.gpus_per_node, 1)) if cfg.engine.kind != "single" else 1
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    return cfg.train.batch_size * cfg.model.block_size * world_size(cfg)
+
+
+def content_hash(cfg: RunConfig) -> str:
+    """Everything that shapes the result; not where it is written, how it is logged or launched."""
+    key = to_dict(cfg)
+    for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device"),
+                           "data": ("cache_dir", "prep_workers", "num_workers")}.items():
+        for name in names:
+            key[section].pop(name, None)
+    for section in ("launch", "logging", "checkpoint"):
+        key.pop(section, None)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _label(kind: str, budget: float) -> str:
+    exponent = int(math.floor(math.log10(budget)))
+    return f"{'T' if kind == 'tokens' else 'C'}{budget / 10 ** exponent:.3g}e{exponent}"
+
+
+def expand(spec: SweepSpec) -> list[SweepRun]:
+    kind, budgets = ("tokens", spec.tokens) if spec.tokens else ("flops", spec.flops)
+    runs: list[SweepRun] = []
+    for family in spec.families:
+        for width in spec.widths:
+            rung = measure(family, rung_config(family, width, spec.run.model))
+            for budget in budgets:
+                tokens = budget if kind == "tokens" else budget / rung.flops_per_token
+                for lr in learning_rates(spec, width):
+                    for seed in spec.seeds:
+                        cfg = copy.deepcopy(spec.run)
+                        cfg.model = rung.config
+                        steps = max(1, round(tokens / tokens_per_step(cfg)))
+                        cfg.train = dataclasses.replace(cfg.train, max_steps=steps, seed=seed, progress=False,
+                                                        out_dir=str(Path(spec.out_dir) / "runs"))
+                        warmup = min(cfg.optim.warmup_steps, max(1, int(spec.warmup_fraction * steps)))
+                        cfg.optim = dataclasses.replace(cfg.optim, lr=lr, warmup_steps=warmup)
+                        cfg.checkpoint = dataclasses.replace(
+                            cfg.checkpoint, interval_steps=max(1, steps // max(spec.checkpoints_per_run, 1)),
+                            resume="auto")
+                        run_id = content_hash(cfg)
+                        cfg.train.run_name = f"{family}-d{width}-{_label(kind, budget)}-lr{lr:.3g}-s{seed}-{run_id}"
+                        runs.append(SweepRun(len(runs), family, width, kind, budget, lr, seed, rung, cfg, run_id))
+    return runs

@@ -1,0 +1,191 @@
+"""Scaling-law sweeps: ladders, spec expansion, a tiny end-to-end sweep (skip / resume), the fitter
+on synthetic laws, and a sweep as a SLURM job array (template and launcher)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gam_pretrain.models import ModelConfig, build_model
+from gam_pretrain.sweep.fit import FitError, Law, check_points, fit_law, isoflop_minimum
+from gam_pretrain.sweep.ladder import ladder, rung_config
+from gam_pretrain.sweep.spec import expand, load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def cli(*args, timeout=600, **kw):
+    return subprocess.run([PY, "-m", "gam_pretrain", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_ladder_spans_1m_to_1b_with_the_written_rule():
+    for family in ("gam", "transformer", "mamba"):
+        rungs = ladder(family, [96, 128, 512, 2048])
+        assert 1.0e6 <= rungs[0].params <= 2.0e6, (family, rungs[0].params)
+        assert rungs[-1].params > 1.0e9
+        assert [r.params for r in rungs] == sorted(r.params for r in rungs)
+        for r in rungs:
+            layers = max(2, r.width // 64)
+            assert r.config.n_layers == (2 * layers if family == "mamba" else layers)
+            if family == "transformer":
+                assert r.config.n_heads == max(1, r.width // 64)
+    small = rung_config("mamba", 64)
+    built = build_model(small)  # the meta-device count equals a real model's
+    measured = ladder("mamba", [64])[0]
+    assert measured.params == built.num_parameters() and measured.flops_per_token == built.flops_per_token(256)
+    gam, tf = ladder("gam", [512])[0], ladder("transformer", [512])[0]
+    assert gam.flops_per_token != 6 * gam.params and tf.flops_per_token != 6 * tf.params
+
+
+def write_spec(tmp_path: Path, name: str, **fields) -> Path:
+    spec = {
+        "name": name,
+        "run": {"model": {"vocab_size": 512, "block_size": 32, "dropout": 0.0, "memory_slots": 16},
+                "data": {"dir": fields.pop("data_dir")}, "optim": {"warmup_steps": 10},
+                "train": {"batch_size": 8, "eval_batches": 4, "log_interval": 10}, "logging": {"wandb": "disabled"}},
+        "families": ["gam", "transformer", "mamba"], "widths": [16, 24, 32], "tokens": [15000, 30000],
+        "lr": {"rule": "scaled", "value": 3.0e-3, "base_width": 32}, "out_dir": str(tmp_path / name),
+        "checkpoints_per_run": 4,
+    }
+    spec.update(fields)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_spec_expansion_is_content_addressed(tmp_path, prepared_small):
+    path = write_spec(tmp_path, "s", data_dir=str(prepared_small.path))
+    runs = expand(load_spec(path))
+    assert len(runs) == 18 and len({r.run_dir for r in runs}) == 18
+    assert [r.run_dir for r in expand(load_spec(path))] == [r.run_dir for r in runs]
+    r = runs[1]
+    assert r.config.train.max_steps == round(30000 / (8 * 32)) and r.config.optim.lr == pytest.approx(3e-3 * 32 / 16)
+    changed = write_spec(tmp_path, "s", data_dir=str(prepared_small.path), seeds=[7])
+    assert not {x.run_dir for x in expand(load_spec(changed))} & {x.run_dir for x in runs}
+    iso = expand(load_spec(write_spec(tmp_path, "iso", data_dir=str(prepared_small.path), tokens=[], flops=[1e10])))
+    for run in iso:  # isoFLOP: tokens = C / architecture-aware FLOPs per token
+        assert run.describe()["tokens"] == pytest.approx(1e10 / run.rung.flops_per_token, rel=0.01, abs=256)
+    bad = write_spec(tmp_path, "bad", data_dir=str(prepared_small.path), flops=[1e10])
+    out = cli("sweep", bad, "--status")
+    assert out.returncode == 2 and "exactly one of 'tokens'" in out.stderr
+
+
+def test_tiny_sweep_end_to_end_skips_finished_and_resumes_killed_runs(tmp_path, prepared_small):
+    spec = write_spec(tmp_path, "tiny", data_dir=str(prepared_small.path))
+    runs = expand(load_spec(spec))
+    victim = runs[13]  # mamba d16, the larger budget: killed once it has a checkpoint
+    proc = subprocess.Popen([PY, "-m", "gam_pretrain", "sweep", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((victim.run_dir / "checkpoints").glob("step_*/COMPLETE")) if (victim.run_dir / "checkpoints").is_dir() else False:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before the run could be killed"
+    assert not (victim.run_dir / "summary.json").exists() and (runs[0].run_dir / "summary.json").exists()
+
+    out = cli("sweep", spec)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "13 done, 5 to train" in out.stdout, out.stdout
+    starts = [json.loads(x) for x in (victim.run_dir / "attempts.jsonl").read_text().splitlines()]
+    starts = [s for s in starts if s["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["start_step"] > 0 and starts[1]["resumed_from"]
+    first = [json.loads(x) for x in (runs[0].run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in first] == ["start", "finished"], "a finished run was trained again"
+
+    before = {r.run_dir: (r.run_dir / "attempts.jsonl").read_text() for r in runs}
+    again = cli("sweep", spec)
+    assert again.returncode == 0 and "18 done, 0 to train" in again.stdout
+    assert before == {r.run_dir: (r.run_dir / "attempts.jsonl").read_text() for r in runs}
+    status = cli("sweep", spec, "--status")
+    assert "18 done, 0 partial, 0 pending" in status.stdout
+
+    fit = cli("fit", spec, "--bootstrap", "10")
+    assert fit.returncode == 0, fit.stderr
+    result = json.loads((tmp_path / "tiny" / "fit" / "fit.json").read_text())
+    assert set(result["families"]) == {"gam", "transformer", "mamba"}
+    for family, entry in result["families"].items():
+        assert len(entry["points"]) == 6 and ("law" in entry or "error" in entry)
+    assert len(result["comparison"]) == 7 and "best family per compute budget" in fit.stdout
+    for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png"):
+        png = tmp_path / "tiny" / "fit" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+CHINCHILLA = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def synthetic(law: Law, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    N = np.repeat(np.logspace(6, 9, 6), 6)
+    D = np.tile(np.logspace(8, 11, 6), 6)
+    return N, D, law.loss(N, D) * np.exp(rng.normal(0.0, noise, N.size))
+
+
+def test_fitter_recovers_a_known_law_from_noisy_points():
+    """36 points (6 sizes x 6 token counts) of Chinchilla's law with 1% multiplicative noise.
+    Tolerances: alpha and beta within 0.03, E within 5%, the loss surface within 1% everywhere on
+    the grid; the 95% bootstrap intervals of alpha and beta contain the true values."""
+    N, D, L = synthetic(CHINCHILLA, 0.01)
+    result = fit_law(N, D, L, bootstrap=30)
+    law = result["law"]
+    assert abs(law.alpha - 0.34) < 0.03 and abs(law.beta - 0.28) < 0.03
+    assert abs(law.E - 1.69) / 1.69 < 0.05
+    assert np.max(np.abs(law.loss(N, D) / CHINCHILLA.loss(N, D) - 1)) < 0.01
+    for key, true in (("alpha", 0.34), ("beta", 0.28)):
+        low, high = result["intervals"][key]
+        assert low <= true <= high, (key, low, high)
+    exact = fit_law(*synthetic(CHINCHILLA, 0.0), bootstrap=0)["law"]  # no noise: near exact
+    assert abs(exact.alpha - 0.34) < 0.005 and abs(exact.beta - 0.28) < 0.005
+
+
+def test_fitter_refuses_too_few_points(tmp_path):
+    N, D, L = synthetic(CHINCHILLA, 0.0)
+    with pytest.raises(FitError, match="5 points"):
+        check_points(N[:5], D[:5], L[:5])
+    with pytest.raises(FitError, match="distinct model sizes"):
+        check_points(np.full(10, 1e6), D[:10], L[:10])
+    (tmp_path / "empty" / "runs").mkdir(parents=True)
+    out = cli("fit", tmp_path / "empty")
+    assert out.returncode == 2 and "no finished runs" in out.stderr
+
+
+def test_isoflop_minimum_of_a_parabola():
+    N = np.logspace(6, 8, 5)
+    L = 2.0 + 0.1 * (np.log(N) - np.log(3e7)) ** 2
+    m = isoflop_minimum(N, L)
+    assert m["N"] == pytest.approx(3e7, rel=1e-6) and m["inside_range"] and m["loss"] == pytest.approx(2.0)
+    assert isoflop_minimum(N[:2], L[:2]) is None
+
+
+@pytest.mark.slurm
+def test_sweep_as_slurm_job_array_template_then_launcher(slurm_cluster, tmp_path, prepared_small):
+    spec = write_spec(tmp_path, "arr", data_dir=str(prepared_small.path), families=["gam"], widths=[16, 24],
+                      tokens=[10000])
+    out = subprocess.run(["sbatch", "--wait", "--array=0-1", "-o", str(tmp_path / "arr-%A_%a.out"),
+                          str(REPO / "slurm" / "sweep_array.sbatch"), str(spec)],
+                         env=dict(os.environ, GAM_PYTHON=PY), capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text()[-2000:] for p in tmp_path.glob("arr-*.out"))
+    assert out.returncode == 0, out.stderr + logs
+    runs = expand(load_spec(spec))
+    assert all((r.run_dir / "summary.json").is_file() for r in runs)
+
+    grown = write_spec(tmp_path, "arr", data_dir=str(prepared_small.path), families=["gam"], widths=[16, 24, 32],
+                       tokens=[10000])
+    out = cli("sweep", grown, "--slurm", "--wait", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 done, 1 submitted as a job array" in out.stdout and "3 done, 0 partial" in out.stdout
+    again = cli("sweep", grown, "--slurm")
+    assert again.returncode == 0 and "3 done, 0 submitted" in again.stdout
