@@ -243,6 +243,13 @@ def cmd_ladder(args, overrides):
               f"{r['non_embedding_params']:>15,d} {r['train_flops_per_token'] / 1e9:>16.4f} {r['flops_per_token_over_6N']:>6.2f}")
 
 
+def cmd_paper(args, overrides):
+    from .paper import run_table
+
+    parsed = [(k, yaml.safe_load(v) if v != "" else "") for k, v in parse_overrides(overrides)]
+    run_table(args.table, args.scale, out_dir=args.out, overrides=parsed, datasets=args.dataset)
+
+
 def cmd_verify(args, overrides):
     from .data.prep import verify
 
@@ -361,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
                    help="N = non-embedding (default, as Kaplan et al.) or all parameters")
     p.set_defaults(func=cmd_fit)
+    p = sub.add_parser("paper", help="re-run the paper's Table 1 or 3 and write Markdown + JSON with its numbers beside ours")
+    p.add_argument("table", choices=["table1", "table3"], help="Table 2 is tools/bench_scaling.py")
+    p.add_argument("--scale", choices=["smoke", "cpu", "full"], default="cpu",
+                   help="full = the paper's setting (needs the datasets); cpu = reduced (embedded corpus); smoke = CI")
+    p.add_argument("--dataset", action="append", choices=["wikitext2", "tinystories"], help="only these rows")
+    p.add_argument("--out", help="output folder (default runs/paper/<table>-<scale>)")
+    p.set_defaults(func=cmd_paper)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
