@@ -139,7 +139,8 @@ def markdown(report: dict) -> str:
         pp = r["paper"] or {}
         lines.append(f"| {r['dataset']} ({r['data']}) | {r['model']} | {r['kind']} | {r['params'] / 1e6:.2f}M "
                      f"| {r['train_seconds']:.0f} | {r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} "
-                     f"| {fmt(pp.get('params_m'), '.1f')}M | {fmt(pp.get('seconds_per_epoch'), '.1f')} "
+                     f"| {fmt(pp.get('params_m'), '.1f')}{'M' if pp.get('params_m') else ''} "
+                     f"| {fmt(pp.get('seconds_per_epoch'), '.1f')} "
                      f"| {fmt(pp.get('val_loss'), '.4f')} | {fmt(pp.get('val_ppl'), '.2f')} |")
     lines += ["", "kind: *paper* = the paper's model as published (naive T x T attention; Mamba mixers stacked "
               "without residuals or norms); *fair* = the baseline done properly (SDPA, pre-norm residual Mamba).",

@@ -83,4 +83,4 @@ def test_defaults_are_the_paper_setting():
     assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
         3e-4, 0.9, 0.95, 0.1, 1.0)
     assert (cfg.optim.warmup_steps, cfg.train.batch_size, cfg.train.epochs, cfg.model.dropout) == (100, 32, 5.0, 0.1)
-    assert yaml.safe_load(open("configs/paper.yaml"))["model"]["attention"] == "naive"
+    assert yaml.safe_load(open("configs/paper/wikitext2.yaml"))["model"]["attention"] == "naive"

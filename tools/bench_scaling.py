@@ -169,7 +169,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {
         "benchmark": "bench_scaling", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip(),
         "command": "python tools/bench_scaling.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
         "device": device_name, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
         "width": width, "heads": heads, "seq_lens": seqs, "reps": args.reps,

@@ -111,7 +111,8 @@ def main() -> None:
         rec = recall([64, 128], [4, 8, 16], steps=args.steps, width=64, layers=2)
     result = {
         "benchmark": "diagnostics", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip(),
         "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else f" --steps {args.steps}"),
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
