@@ -62,6 +62,9 @@ def plot_all(result: dict, out_dir: Path) -> list[Path]:
                 else:
                     d = np.full_like(n, budget)
                 ax.plot(n, law.loss(n, d), "-", color=color, lw=1)
+        losses = [p["loss"] for p in pts]
+        span = max(losses) - min(losses) or 0.1
+        ax.set_ylim(min(losses) - 0.5 * span, max(losses) + 0.5 * span)  # a wild fit must not hide the points
         for iso in entry.get("isoflop_minima", []):
             if iso["minimum"]:
                 ax.axvline(iso["minimum"]["N"], color="grey", lw=0.6, ls=":")

@@ -82,6 +82,14 @@ def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: flo
                 group = [p for p in pts if p["budget"] == budget]
                 minimum = isoflop_minimum([p["N"] for p in group], [p["loss"] for p in group])
                 isoflop.append({"C": budget, "minimum": minimum, "runs": len(group)})
+        warnings = []
+        law = fitted["law"]
+        if not (0.0 < law.alpha < 3.0 and 0.0 < law.beta < 3.0):
+            warnings.append(f"exponent outside (0, 3) (alpha {law.alpha:.3g}, beta {law.beta:.3g}): too few or too noisy "
+                            "points for a law; add sizes, budgets or seeds")
+        if law.E < 0.1 * float(L.min()):
+            warnings.append(f"E = {law.E:.3g} is far below every loss seen: the irreducible term is not identified")
+        entry["warnings"] = warnings
         entry.update({"law": fitted["law"].as_dict(), "intervals": fitted["intervals"], "flops_per_token_model":
                       {"c": flops[0], "gamma": flops[1]}, "rms_log_residual": fitted["rms_log_residual"],
                       "compute_optimal": optimal, "isoflop_minima": isoflop})
@@ -111,6 +119,7 @@ def format_report(result: dict) -> str:
         lines.append(f"{family}: L = E + A/N^alpha + B/D^beta  {show('E')} {show('A')} {show('B')} "
                      f"{show('alpha')} {show('beta')}  (rms log residual {entry['rms_log_residual']:.4f}, "
                      f"{len(entry['points'])} points)")
+        lines += [f"  warning: {w}" for w in entry["warnings"]]
         lines.append(f"  {'compute C':>10s} {'N*':>10s} {'95% interval':>23s} {'D*':>10s} {'95% interval':>23s} {'loss':>7s}")
         for o in entry["compute_optimal"]:
             ni = f"[{o['N_interval'][0]:.3g}, {o['N_interval'][1]:.3g}]" if o["N_interval"] else "-"
