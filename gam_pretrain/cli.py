@@ -153,10 +153,10 @@ def cmd_status(args, overrides):
     print(json.dumps(status, indent=1) if args.json else format_status(status))
 
 
-def _sweep(args, overrides):
+def _sweep(spec_path, overrides):
     from .sweep.spec import check_spec, expand, load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(spec_path)
     for key, value in parse_overrides(overrides):
         set_value(spec, key, yaml.safe_load(value) if value != "" else "", source="command line")
     spec = check_spec(spec)
@@ -166,7 +166,7 @@ def _sweep(args, overrides):
 def cmd_sweep(args, overrides):
     from .sweep.runner import format_status, run_local, run_slurm, write_records, write_run_record
 
-    spec, runs = _sweep(args, overrides)
+    spec, runs = _sweep(args.spec, overrides)
     if args.list:
         for run in runs:
             print(f"{run.index}\t{run.config.train.run_name}")
@@ -204,7 +204,7 @@ def cmd_fit(args, overrides):
 
     target = Path(args.sweep)
     if target.is_file():
-        spec, _ = _sweep(argparse.Namespace(spec=target), overrides)
+        spec, _ = _sweep(target, overrides)
         sweep_dir = Path(spec.out_dir)
     else:
         sweep_dir = target

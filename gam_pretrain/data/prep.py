@@ -257,8 +257,6 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
         while n is None or unit < n:
             path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
             if not path.is_file():
-                if n is None and records[split] and records[split][-1]["documents"] < cfg.documents_per_unit:
-                    break
                 raise PrepError(f"unit {unit} of split {split!r} is not done yet ({path.name} missing); "
                                 "run the units phase again (finished units are kept)")
             record = json.loads(path.read_text())

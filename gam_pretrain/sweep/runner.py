@@ -48,9 +48,8 @@ def prepare_data(spec: SweepSpec, runs: list[SweepRun], log=print) -> None:
     """Prep (or check) the data once, before runs start in parallel or on other machines."""
     from ..data.cache import open_training_data
 
-    for run in runs:
-        open_training_data(run.config.data, run.config.model, log=log)
-        break
+    if runs:  # every run of a sweep shares its data settings and tokenizer
+        open_training_data(runs[0].config.data, runs[0].config.model, log=log)
 
 
 def _train_one(cfg_dict: dict, threads: int) -> str:
