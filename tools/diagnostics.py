@@ -49,15 +49,17 @@ def receptive_fields(seq_len: int, widths: int) -> dict:
     return {"seq_len": seq_len, "rows": rows, "profiles_6_layers_k3": profiles}
 
 
-def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers: int) -> list[dict]:
+def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers: int, families: list[str],
+           device: str = "cpu") -> list[dict]:
     rows = []
     for seq_len in seq_lens:
         for n in pairs:
             task = RecallTask(seq_len=seq_len, pairs=n, vocab=128)
-            for name, arch in FAMILIES.items():
+            for name in families:
+                arch = FAMILIES[name]
                 cfg = ModelConfig(vocab_size=task.vocab, block_size=seq_len, d_model=width, n_layers=layers,
                                   memory_slots=64, n_heads=max(1, width // 32), d_state=16, dropout=0.0, **arch)
-                result = train_recall(cfg, task, steps=steps)
+                result = train_recall(cfg, task, steps=steps, device=device)
                 rows.append({"family": name, "seq_len": seq_len, "pairs": n, **result})
                 print(f"recall {name:12s} T={seq_len:4d} pairs={n:3d}: accuracy {result['accuracy']:.3f} "
                       f"(chance {result['chance']:.3f}) in {result['seconds']:.0f}s", flush=True)
@@ -81,7 +83,7 @@ def plot(result: dict, path: Path) -> None:
     ax_p.set(yscale="log", xlabel="distance back from the output position", ylabel="|d logit / d input embedding|",
              title="input-gradient profile, 6 layers, kernel 3", ylim=(1e-30, None))
     ax_p.legend(fontsize=8)
-    for name in FAMILIES:
+    for name in sorted({r["family"] for r in result["recall"]}, key=list(FAMILIES).index):
         rows = [r for r in result["recall"] if r["family"] == name]
         labels = [f"T{r['seq_len']}/{r['pairs']}kv" for r in rows]
         ax_r.plot(labels, [r["accuracy"] for r in rows], "o-", label=name)
@@ -100,21 +102,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     parser.add_argument("--steps", type=int, default=600, help="training steps per recall model")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="recall: which families")
+    parser.add_argument("--device", default="cpu", help="recall: cpu or cuda (the receptive field is measured on CPU)")
+    parser.add_argument("--pairs", default="4,8,16", help="recall: key-value pair counts")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke:
         rf = receptive_fields(seq_len=24, widths=8)
-        rec = recall([16], [2], steps=5, width=16, layers=1)
+        rec = recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES))
     else:
         rf = receptive_fields(seq_len=64, widths=16)
-        rec = recall([64, 128], [4, 8, 16], steps=args.steps, width=64, layers=2)
+        rec = recall([64, 128], [int(p) for p in args.pairs.split(",")], steps=args.steps, width=64, layers=2,
+                     families=args.families.split(","), device=args.device)
     result = {
         "benchmark": "diagnostics", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip(),
-        "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else f" --steps {args.steps}"),
-        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else
+                                                     f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
         "gam_receptive_field_equals_theory": all(r["equal"] for r in rf["rows"] if r["family"] == "gam"),
     }

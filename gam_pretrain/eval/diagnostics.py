@@ -83,15 +83,15 @@ class RecallTask:
 
 
 def train_recall(arch_cfg: ModelConfig, task: RecallTask, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
-                 seed: int = 0, eval_batches: int = 8) -> dict:
+                 seed: int = 0, eval_batches: int = 8, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
-    model = build_model(arch_cfg)
+    model = build_model(arch_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     model.train()
     for step in range(steps):
-        inputs, targets = task.batch(batch_size, g)
+        inputs, targets = (t.to(device) for t in task.batch(batch_size, g))
         for group in opt.param_groups:  # short warm-up, then cosine
             group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         logits = model(inputs)
@@ -105,7 +105,7 @@ def train_recall(arch_cfg: ModelConfig, task: RecallTask, steps: int = 300, batc
     eval_g = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad():
         for _ in range(eval_batches):
-            inputs, targets = task.batch(batch_size, eval_g)
+            inputs, targets = (t.to(device) for t in task.batch(batch_size, eval_g))
             predicted = model(inputs).argmax(-1)
             mask = targets != -100
             correct += int((predicted[mask] == targets[mask]).sum())
