@@ -110,5 +110,5 @@ def train_recall(arch_cfg: ModelConfig, task: RecallTask, steps: int = 300, batc
             mask = targets != -100
             correct += int((predicted[mask] == targets[mask]).sum())
             total += int(mask.sum())
-    return {"accuracy": correct / total, "chance": 1 / (task.vocab - task.vocab // 2), "final_train_loss": float(loss),
+    return {"accuracy": correct / total, "chance": 1 / (task.vocab - task.vocab // 2), "final_train_loss": loss.item(),
             "seconds": time.perf_counter() - started, "params": model.num_parameters()}
