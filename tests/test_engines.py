@@ -101,6 +101,16 @@ def test_engines_agree_with_each_other(prepared_small, tmp_root):
         np.testing.assert_allclose(curves["zero3"][f"straight-{arch}"]["loss_curve"], ddp, rtol=0, atol=1e-6)
 
 
+def test_sharding_engines_hold_their_share_of_the_model_state(prepared_small, tmp_root):
+    """Parameters + optimizer state per rank (the summary's model_state_bytes_per_rank), world 2:
+    ZeRO-1/2 shard the Adam moments, ZeRO-3 and FSDP2 shard everything (about half of DDP's)."""
+    state = {e: max(engine_results(e, prepared_small, tmp_root)["straight-gam"]["model_state_bytes_per_rank"])
+             for e in ENGINES}
+    assert state["zero1"] == state["zero2"] < 0.9 * state["ddp"]
+    for engine in ("zero3", "fsdp2"):
+        assert 0.45 * state["ddp"] < state[engine] < 0.55 * state["ddp"], (engine, state)
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     import psutil  # torchrun starts its ranks in sessions of their own: kill the whole tree
 

@@ -33,42 +33,6 @@ ENGINES = {
 }
 
 
-def model_state_bytes(engine) -> int:
-    """Bytes of parameters + optimizer state held by this rank (unique storages)."""
-    import torch
-
-    seen, total = set(), 0
-
-    def add(t):
-        nonlocal total
-        if not isinstance(t, torch.Tensor):
-            return
-        if hasattr(t, "to_local"):
-            t = t.to_local()
-        if hasattr(t, "ds_tensor"):
-            t = t.ds_tensor
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key[1] and key not in seen:
-            seen.add(key)
-            total += key[1]
-
-    module = getattr(engine.model, "module", engine.model)
-    for p in module.parameters():
-        add(p)
-    optimizer = engine.optimizer
-    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
-    for group in base.param_groups:
-        for p in group["params"]:
-            add(p)
-    for state in base.state.values():
-        for value in state.values():
-            add(value)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        for t in getattr(optimizer, name, []) or []:
-            add(t)
-    return total
-
-
 def worker(args) -> None:
     warnings.filterwarnings("ignore")
     import torch
@@ -77,7 +41,7 @@ def worker(args) -> None:
     from gam_pretrain.config import load_config
     from gam_pretrain.models import build_model
     from gam_pretrain.train.distributed import init_distributed
-    from gam_pretrain.train.engines import build_engine
+    from gam_pretrain.train.engines import build_engine, model_state_bytes
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")

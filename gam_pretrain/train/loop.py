@@ -24,7 +24,7 @@ from ..eval.perplexity import evaluate
 from ..models import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, model_state_bytes
 from .metrics import MetricsLogger
 from .perf import peak_flops
 from .preemption import Preempted, PreemptionFlag
@@ -245,6 +245,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     last_eval = run_eval(total_steps)
     final = checkpoint(total_steps)
     full = engine.full_state_dict()
+    state_bytes = gather_floats(float(model_state_bytes(engine)), device, dist)
     summary = {
         "arch": cfg.model.arch, "params": n_params, "flops_per_token": flops_per_token, "steps": total_steps,
         "tokens": total_steps * tokens_per_step, "train_seconds": train_seconds,
@@ -252,6 +253,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         "peak_flops": peak, "mfu": total_steps * tokens_per_step * flops_per_token / max(train_seconds, 1e-9) / peak,
         "final_train_loss": history[-1] if history else float("nan"), **last_eval, "device": str(device),
         "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
+        "model_state_bytes_per_rank": [int(b) for b in state_bytes],
         "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
         "loss_curve": history,
     }

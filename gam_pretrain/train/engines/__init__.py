@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ...config import RunConfig
 from ..distributed import DistInfo
-from .base import Engine, autocast_for
+from .base import Engine, autocast_for, model_state_bytes
 from .single import SingleEngine
 
 
@@ -32,4 +32,4 @@ def build_engine(cfg: RunConfig, model: nn.Module, device: torch.device, dist: D
                            micro_batch=t.batch_size // t.grad_accum, grad_accum=t.grad_accum)
 
 
-__all__ = ["Engine", "SingleEngine", "autocast_for", "build_engine"]
+__all__ = ["Engine", "SingleEngine", "autocast_for", "build_engine", "model_state_bytes"]

@@ -41,8 +41,46 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
+def model_state_bytes(engine: "Engine") -> int:
+    """Bytes of parameters + optimizer state this rank holds, counting each storage once.
+
+    DDP holds everything; ZeRO-1/2 shard the optimizer state (plus an fp32 master partition);
+    ZeRO-3 and FSDP2 shard the parameters too. Gradients and activations are not counted.
+    """
+    seen, total = set(), 0
+
+    def add(t) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor):
+            return
+        if hasattr(t, "to_local"):  # FSDP2 DTensor: this rank's shard
+            t = t.to_local()
+        if hasattr(t, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's partition
+            t = t.ds_tensor
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key[1] and key not in seen:
+            seen.add(key)
+            total += key[1]
+
+    for p in getattr(engine.model, "module", engine.model).parameters():
+        add(p)
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add(p)
+    for state in inner.state.values():
+        for value in state.values():
+            add(value)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # DeepSpeed masters
+        for t in getattr(optimizer, name, None) or []:
+            add(t)
+    return total
+
+
 class Engine(ABC):
     model: nn.Module
+    optimizer: torch.optim.Optimizer  # DeepSpeed's wrapper for the deepspeed engine
     device: torch.device
     dist: DistInfo
 

@@ -50,6 +50,28 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_bat
     return cfg
 
 
+def share_fp32_master_partitions(optimizer) -> int:
+    """Make ZeRO-3's fp32 master partitions the parameter partitions themselves when both are fp32.
+
+    DeepSpeed means to do this (stage3.py `_create_fp32_partitions`: "we don't need another copy of
+    the weights") but its test compares `tensor.device` with the accelerator's device *name*, a
+    string, which is never equal, so fp32 training keeps a second fp32 copy of every partition. With
+    one storage, the optimizer updates the partition in place and DeepSpeed's copy back after the
+    step copies a tensor onto itself. Returns the number of bytes freed.
+    """
+    freed = 0
+    for params, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+        if params is None or master.untyped_storage().data_ptr() == params.untyped_storage().data_ptr():
+            continue
+        if params.dtype != master.dtype or params.device != master.device or params.shape != master.shape:
+            continue  # bf16 parameters need their fp32 master
+        if master in optimizer.optimizer.state:
+            continue  # state already keyed and built on the copy: leave it alone
+        freed += master.numel() * master.element_size()
+        master.data = params.data
+    return freed
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, device: torch.device, precision: str,
                  compile: bool, engine_cfg: EngineConfig, dist: DistInfo, micro_batch: int, grad_accum: int):
@@ -70,6 +92,8 @@ class DeepSpeedEngine(Engine):
         self.config = deepspeed_config(engine_cfg, optim_cfg, micro_batch, grad_accum, dist.world_size, bf16)
         optimizer = build_adamw(model, optim_cfg)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        if engine_cfg.zero_stage == 3 and not (engine_cfg.offload_optimizer or engine_cfg.offload_params):
+            share_fp32_master_partitions(self.optimizer)
         if compile:
             self.model.compile()
         self._autocast = autocast_for(device, "fp32")  # DeepSpeed's bf16 mode casts the model itself
