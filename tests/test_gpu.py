@@ -46,3 +46,27 @@ def test_torch_scan_on_cuda_matches_cpu():
     cpu = selective_scan_torch(*args, z=None, delta_bias=None, delta_softplus=True)
     gpu = selective_scan_torch(*[a.cuda() for a in args], z=None, delta_bias=None, delta_softplus=True)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("arch", ["gam", "transformer", "mamba"])
+def test_fp32_forward_and_backward_on_cuda_match_cpu(arch, monkeypatch):
+    """The shared pieces on CUDA (channels-last causal conv; the plain dropout and loss paths)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(arch=arch, scan="torch"))
+    idx = torch.randint(0, 97, (2, 32))
+    results = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        x = idx.to(device)
+        logits = model(x).detach().cpu()
+        _, loss = model(x, x, return_logits=False)
+        loss.backward()
+        results.append((logits, loss.detach().cpu(), [p.grad.cpu() for p in model.parameters()]))
+    (cpu_logits, cpu_loss, cpu_grads), (gpu_logits, gpu_loss, gpu_grads) = results
+    torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

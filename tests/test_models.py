@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model_config
@@ -213,3 +214,54 @@ def test_registry_lists_all_families():
     labels = [label for label, _ in variant_configs(ModelConfig())]
     assert "mamba (stack=paper)" in labels and "transformer (attention=naive)" in labels
     assert all(math.isfinite(build_model(c).flops_per_token()) for _, c in variant_configs(tiny_model_config()))
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (8, 64, 256)])  # one drawn inline, one on two threads
+def test_cpu_dropout_is_inverted_dropout_fixed_by_the_torch_seed(shape):
+    from gam_pretrain.models.common import Dropout
+
+    drop, p = Dropout(0.25), 0.25
+    x = torch.randn(shape, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))  # kept values scaled by 1/(1-p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))  # gradient flows through the mask only
+    if x.numel() > 10_000:
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    threads = torch.get_num_threads()
+    try:  # same seed -> same mask, whatever the thread count
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        assert torch.equal(drop(x) != 0, kept)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(drop(x) != 0, kept)  # the draw advanced torch's generator
+    residual = torch.randn(shape)
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop.add_to(residual, x), residual + y)  # the fused residual form
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_fused_head_cross_entropy_matches_torch():
+    """The trainer's path (return_logits=False: head + loss fused on CPU) = F.linear + F.cross_entropy."""
+    cfg = tiny_model_config(arch="gam", dropout=0.0)
+    model = build_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 16))
+    targets = torch.randint(0, cfg.vocab_size, (3, 16))
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    masked = targets.clone()
+    masked[0, :4] = -100  # ignored positions take torch's path, with the same meaning
+    _, loss = model(idx, masked, return_logits=False)
+    torch.testing.assert_close(loss, F.cross_entropy(model(idx).view(-1, cfg.vocab_size), masked.view(-1)))

@@ -8,7 +8,11 @@ One run measures, side by side (interleaved step by step, medians reported):
     achieved model FLOP/s (analytic training FLOPs per token x tokens/s) as a fraction of that peak;
   - `gam-compiled`: our GAM under torch.compile (inductor fuses the elementwise work);
   - the same step for `paper-transcription`: the paper's GAM written plainly
-    (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters.
+    (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters;
+  - for `gam`, a ceiling: the step's own matmuls (same shapes and strides, recorded during a step)
+    replayed alone. Their time is what a step would take if every other op (norms, GELU, softmax,
+    dropout, loss, optimizer) were free, so model FLOPs / (that time x peak) bounds the fraction
+    of peak any fp32 implementation of this step can reach on this machine.
 """
 from __future__ import annotations
 
@@ -50,12 +54,13 @@ def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq
         model = build_model(cfg).to(device)
         optimizer = build_adamw(model, OptimConfig(), fused=True)
     forward = torch.compile(model) if name.endswith("-compiled") else model
+    kwargs = {} if name == "paper-transcription" else {"return_logits": False}  # as the trainer calls it
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, loss = forward(x, y)
+            _, loss = forward(x, y, **kwargs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -65,6 +70,51 @@ def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq
 
     flops = build_model(cfg).flops_per_token(seq) if name != "paper-transcription" else None
     return step, flops
+
+
+def record_matmuls(step) -> list[tuple]:
+    """(op, [(shape, stride) or None per argument]) of every mm/addmm/bmm one step runs, backward included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    class Recorder(TorchDispatchMode):
+        calls: list[tuple] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                self.calls.append((func, [(a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor) else a
+                                          for a in args]))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        step()
+    return recorder.calls
+
+
+def replay_matmuls(calls: list[tuple], repeats: int = 3) -> tuple[float, float]:
+    """(seconds, FLOPs) of the recorded matmuls run back to back, best of `repeats`."""
+    def materialize(a):
+        if isinstance(a, tuple):
+            shape, stride, device = a
+            return torch.empty_strided(shape, stride, device=device).normal_()
+        return a
+
+    prepared = [(func, [materialize(a) for a in args]) for func, args in calls]
+    flops = 0
+    for func, args in prepared:
+        x, w = args[-2:] if func != torch.ops.aten.bmm.default else args
+        flops += 2 * x.shape[-2] * x.shape[-1] * w.shape[-1] * (x.shape[0] if x.dim() == 3 else 1)
+    best = float("inf")
+    for _ in range(repeats):
+        sync = torch.cuda.synchronize if prepared and prepared[0][1][0].is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for func, args in prepared:
+            func(*args)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, flops
 
 
 def main() -> None:
@@ -99,6 +149,11 @@ def main() -> None:
             steps[name]()
             times[name].append(time.perf_counter() - t0)
         peaks.append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
+    gemm = None
+    if "gam" in steps:
+        gemm_seconds, gemm_flops = replay_matmuls(record_matmuls(steps["gam"]))
+        peaks.append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
+        gemm = {"seconds_per_step": gemm_seconds, "matmul_flops_per_step": gemm_flops}
     peak = max(peaks)
     tokens = args.batch * args.seq
     results = {}
@@ -108,10 +163,17 @@ def main() -> None:
         results[name] = {"median_step_s": median, "step_times_s": times[name], "tokens_per_s": tps,
                          "train_flops_per_token": flops[name], "achieved_flops": tps * flops[name],
                          "fraction_of_peak": tps * flops[name] / peak}
+    if gemm is not None:
+        gemm["fraction_of_peak_ceiling"] = tokens * flops["gam"] / gemm["seconds_per_step"] / peak
+        gemm["share_of_gam_step"] = gemm["seconds_per_step"] / results["gam"]["median_step_s"]
+        results["gam"]["matmuls_alone"] = gemm
     for name in ("gam", "gam-compiled"):
         if name in results and "paper-transcription" in results:
             results[name]["speedup_vs_paper_transcription"] = (
                 results[name]["tokens_per_s"] / results["paper-transcription"]["tokens_per_s"])
+            # the same, from the two steps of each round (run back to back): drift cancels within a pair
+            results[name]["speedup_vs_paper_transcription_paired_median"] = statistics.median(
+                p / t for p, t in zip(times["paper-transcription"], times[name]))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -130,6 +192,10 @@ def main() -> None:
     for name, r in results.items():
         extra = f"  {r['speedup_vs_paper_transcription']:.3f}x transcription" if "speedup_vs_paper_transcription" in r else ""
         print(f"{name:22s} {r['tokens_per_s']:9.0f} tok/s  {r['fraction_of_peak']:.3f} of peak{extra}")
+        if "matmuls_alone" in r:
+            g = r["matmuls_alone"]
+            print(f"{'':22s} its matmuls alone: {g['seconds_per_step']:.3f} s = {g['share_of_gam_step']:.1%} of the step; "
+                  f"ceiling {g['fraction_of_peak_ceiling']:.3f} of peak")
     print(f"wrote {out}")
 
 

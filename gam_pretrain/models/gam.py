@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .common import LMHeadModel, ModelConfig, causal_depthwise_conv
+from .common import Dropout, LMHeadModel, ModelConfig, causal_depthwise_conv
 
 Mixing = Literal["gated", "sum", "global", "local"]
 
@@ -28,8 +28,13 @@ Mixing = Literal["gated", "sum", "global", "local"]
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, dropout: float):
         super().__init__(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), Dropout(dropout)
         )
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + FFN(x), with the dropout fused into the residual add."""
+        up, act, down, dropout = self
+        return dropout.add_to(residual, down(act(up(x))))
 
 
 class GAMBlock(nn.Module):
@@ -41,7 +46,7 @@ class GAMBlock(nn.Module):
         self.conv = nn.Conv1d(C, C, cfg.conv_kernel, groups=C) if mixing != "global" else None
         self.memory = nn.Parameter(torch.empty(cfg.memory_slots, C)) if mixing != "local" else None
         self.gate = nn.Linear(C, 2 * C) if mixing == "gated" else None
-        self.mix_dropout = nn.Dropout(cfg.dropout)
+        self.mix_dropout = Dropout(cfg.dropout)
         self.ln2 = nn.LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
@@ -50,14 +55,14 @@ class GAMBlock(nn.Module):
         local = causal_depthwise_conv(h, self.conv.weight, self.conv.bias) if self.conv is not None else None
         glob = torch.softmax(h @ self.memory.t(), dim=-1) @ self.memory if self.memory is not None else None
         if self.mixing == "gated":
-            g_local, g_global = self.gate(h).chunk(2, dim=-1)
-            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * glob
+            g_local, g_global = torch.sigmoid(self.gate(h)).chunk(2, dim=-1)
+            mixed = torch.addcmul(g_local * local, g_global, glob)
         elif self.mixing == "sum":
             mixed = local + glob
         else:
             mixed = local if local is not None else glob
-        x = x + self.mix_dropout(mixed)
-        return x + self.ffn(self.ln2(x))
+        x = self.mix_dropout.add_to(x, mixed)  # x + dropout(mixed)
+        return self.ffn.add_to(x, self.ln2(x))  # x + FFN(LN(x))
 
 
 class GAM(LMHeadModel):

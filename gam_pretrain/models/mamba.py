@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import LMHeadModel, ModelConfig, causal_depthwise_conv, inverse_softplus
+from .common import Dropout, LMHeadModel, ModelConfig, causal_depthwise_conv, inverse_softplus
 
 try:  # optional fused kernels (pip install 'gam-pretrain[gpu]')
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
@@ -174,10 +174,10 @@ class ResidualMambaBlock(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.mixer = MambaMixer(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.dropout(self.mixer(self.norm(x)))
+        return self.dropout.add_to(x, self.mixer(self.norm(x)))  # x + dropout(mixer(norm(x)))
 
 
 class Mamba(LMHeadModel):

@@ -47,7 +47,7 @@ class FSDP2Engine(Engine):
     def forward_backward(self, inputs, targets, loss_scale):
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         with self._autocast():
-            _, loss = self._forward(inputs, targets)
+            _, loss = self._forward(inputs, targets, return_logits=False)
         (loss * loss_scale).backward()
         return loss.detach().float()
 

@@ -42,7 +42,7 @@ class SingleEngine(Engine):
     def forward_backward(self, inputs, targets, loss_scale):
         inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self._autocast():
-            _, loss = self._forward(inputs, targets)
+            _, loss = self._forward(inputs, targets, return_logits=False)
         (loss * loss_scale).backward()
         return loss.detach()
 

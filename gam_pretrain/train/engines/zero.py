@@ -105,7 +105,7 @@ class DeepSpeedEngine(Engine):
 
     def forward_backward(self, inputs, targets, loss_scale):
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        _, loss = self.model(inputs, targets)
+        _, loss = self.model(inputs, targets, return_logits=False)
         self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.step()  # a real optimizer step only at the accumulation boundary
