@@ -64,7 +64,7 @@ def test_fp32_forward_and_backward_on_cuda_match_cpu(arch, monkeypatch):
         logits = model(x).detach().cpu()
         _, loss = model(x, x, return_logits=False)
         loss.backward()
-        results.append((logits, loss.detach().cpu(), [p.grad.cpu() for p in model.parameters()]))
+        results.append((logits, loss.detach().cpu(), [p.grad.to("cpu", copy=True) for p in model.parameters()]))
     (cpu_logits, cpu_loss, cpu_grads), (gpu_logits, gpu_loss, gpu_grads) = results
     torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-5, atol=1e-5)
