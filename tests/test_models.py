@@ -68,6 +68,18 @@ def test_naive_and_sdpa_attention_agree():
     torch.testing.assert_close(sdpa(idx), naive(idx), rtol=1e-5, atol=1e-5)
 
 
+def test_naive_and_sdpa_attention_agree_in_training_with_dropout():
+    """On CPU both draw the attention dropout from torch's generator the same way: same masks, same loss."""
+    losses = []
+    for attention in ("naive", "sdpa"):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(arch="transformer", attention=attention, dropout=0.1))
+        idx = torch.randint(0, 97, (3, 32))
+        torch.manual_seed(1)
+        losses.append(model(idx, idx, return_logits=False)[1])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+
+
 def test_gam_matches_paper_transcription():
     torch.manual_seed(0)
     cfg = tiny_model_config(arch="gam")

@@ -27,7 +27,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.attn_dropout = Dropout(cfg.dropout)
+        # torch's own dropout here: SDPA draws its attention dropout from torch's generator the same way,
+        # so naive and sdpa stay the same function in training too
+        self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
