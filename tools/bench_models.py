@@ -12,7 +12,8 @@ One run measures, side by side (interleaved step by step, medians reported):
   - for `gam`, a ceiling: the step's own matmuls (same shapes and strides, recorded during a step)
     replayed alone. Their time is what a step would take if every other op (norms, GELU, softmax,
     dropout, loss, optimizer) were free, so model FLOPs / (that time x peak) bounds the fraction
-    of peak any fp32 implementation of this step can reach on this machine.
+    of peak any fp32 implementation of this step can reach on this machine. (On a GPU at the paper
+    size the replay is bound by kernel launches, not by the matmuls, so the ceiling says little there.)
 """
 from __future__ import annotations
 
