@@ -105,6 +105,12 @@ def test_resume_continues_exactly_and_ignores_partial_checkpoints(tmp_path, prep
     assert resumed.summary["params_checksum"] == straight.summary["params_checksum"]
     # saved at 9 and 12; 7 is not a multiple of keep_every=3 and not the newest: pruned; 9 kept forever
     assert [s for s, _ in complete_checkpoints(run_dir)] == [9, 12]
+    # throughput covers both attempts (train_seconds is summed across them), like MFU
+    summary = resumed.summary
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * summary["flops_per_token"] / summary["peak_flops"])
+    again = train(load_config(None, resumable), log=lambda *a: None)  # relaunching a finished run changes nothing
+    assert again.summary["loss_curve"] == summary["loss_curve"] and again.summary["tokens_per_s"] == summary["tokens_per_s"]
 
 
 def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small):

@@ -249,7 +249,8 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     summary = {
         "arch": cfg.model.arch, "params": n_params, "flops_per_token": flops_per_token, "steps": total_steps,
         "tokens": total_steps * tokens_per_step, "train_seconds": train_seconds,
-        "tokens_per_s": (total_steps - start_step) * tokens_per_step / max(train_seconds, 1e-9),
+        # train_seconds adds up every attempt's training time (it is checkpointed), so count every step
+        "tokens_per_s": total_steps * tokens_per_step / max(train_seconds, 1e-9),
         "peak_flops": peak, "mfu": total_steps * tokens_per_step * flops_per_token / max(train_seconds, 1e-9) / peak,
         "final_train_loss": history[-1] if history else float("nan"), **last_eval, "device": str(device),
         "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
