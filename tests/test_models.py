@@ -277,3 +277,19 @@ def test_fused_head_cross_entropy_matches_torch():
     masked[0, :4] = -100  # ignored positions take torch's path, with the same meaning
     _, loss = model(idx, masked, return_logits=False)
     torch.testing.assert_close(loss, F.cross_entropy(model(idx).view(-1, cfg.vocab_size), masked.view(-1)))
+
+
+def test_bench_records_every_matmul_of_a_training_step():
+    """tools/bench_models.py's matmul replay (the fraction-of-peak ceiling) sees exactly the analytic
+    training FLOPs, less the conv (not a matmul)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from bench_models import make_step, record_matmuls, replay_matmuls
+
+    cfg = tiny_model_config(arch="gam")
+    step, flops_per_token = make_step("gam", cfg, torch.device("cpu"), batch=2, seq=cfg.block_size, bf16=False)
+    seconds, flops = replay_matmuls(record_matmuls(step), repeats=1)
+    conv = build_model(cfg).forward_flops_breakdown()["conv"]
+    assert seconds > 0 and flops == (flops_per_token - 3 * conv) * 2 * cfg.block_size

@@ -74,23 +74,23 @@ def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq
 
 
 def record_matmuls(step) -> list[tuple]:
-    """(op, [(shape, stride) or None per argument]) of every mm/addmm/bmm one step runs, backward included."""
+    """(op, args) of every mm/addmm/bmm one step runs, backward included; tensors recorded as
+    (shape, stride, device), other arguments as they are."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    calls: list[tuple] = []
 
     class Recorder(TorchDispatchMode):
-        calls: list[tuple] = []
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in ops:
-                self.calls.append((func, [(a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor) else a
-                                          for a in args]))
+                calls.append((func, [(a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor) else a
+                                     for a in args]))
             return func(*args, **(kwargs or {}))
 
-    with Recorder() as recorder:
+    with Recorder():
         step()
-    return recorder.calls
+    return calls
 
 
 def replay_matmuls(calls: list[tuple], repeats: int = 3) -> tuple[float, float]:
@@ -106,9 +106,10 @@ def replay_matmuls(calls: list[tuple], repeats: int = 3) -> tuple[float, float]:
     for func, args in prepared:
         x, w = args[-2:] if func != torch.ops.aten.bmm.default else args
         flops += 2 * x.shape[-2] * x.shape[-1] * w.shape[-1] * (x.shape[0] if x.dim() == 3 else 1)
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for _, args in prepared for a in args)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
-        sync = torch.cuda.synchronize if prepared and prepared[0][1][0].is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
         for func, args in prepared:
