@@ -19,6 +19,7 @@ from gam_pretrain.models import ModelConfig, build_model
 from gam_pretrain.sweep.fit import FitError, Law, check_points, fit_law, isoflop_minimum
 from gam_pretrain.sweep.ladder import ladder, rung_config
 from gam_pretrain.sweep.spec import expand, load_spec
+from gam_pretrain.train.checkpoint import complete_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -88,7 +89,7 @@ def test_tiny_sweep_end_to_end_skips_finished_and_resumes_killed_runs(tmp_path, 
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if list(victim.run_dir.glob("checkpoints/step_*/COMPLETE")):
+        if complete_checkpoints(victim.run_dir):  # not a glob: step_*/COMPLETE also matches step_N.partial/
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
