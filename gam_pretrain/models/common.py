@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import cpu_kernels
 
 
 @dataclass
@@ -43,90 +42,52 @@ class ModelConfig:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose mask is drawn faster on CPU; elsewhere (CUDA, torch.compile) it is nn.Dropout.
-
-    On CPU torch draws dropout masks with one serial Mersenne Twister (`bernoulli_`, ~6 ns per
-    element on the 2-core reference machine: 5% of a GAM training step at the paper config). Here
-    the uniforms come from numpy's PCG64, in two halves drawn on two threads, seeded by one draw
-    from torch's default generator per call: `torch.manual_seed` and the checkpointed torch RNG
-    state still fix every mask, so resumes stay exact. Same distribution as nn.Dropout (keep with
-    probability 1 - p, to 2^-24; kept values scaled by 1 / (1 - p)), not the same random stream.
-    """
+    """nn.Dropout whose CPU fp32 path runs the fused kernels of `cpu_kernels` (masks from a counter
+    hash keyed by torch's generator, recomputed in backward; see that module). Elsewhere (CUDA,
+    other dtypes, torch.compile) it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._cpu_mask(x):
+        if not (self.training and self.p > 0.0 and cpu_kernels.applies_to(x)):
             return super().forward(x)
-        return x * cpu_keep_mask(x.shape, self.p).to(x.dtype)
+        return cpu_kernels.bias_dropout_add(None, x, None, self.p)
 
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + dropout(x), one pass fewer on CPU (the mask multiply is fused into the add)."""
-        if not self._cpu_mask(x):
-            return residual + super().forward(x)
-        return torch.addcmul(residual, x, cpu_keep_mask(x.shape, self.p).to(x.dtype))
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + dropout(x + bias), in one pass on CPU."""
+        if not cpu_kernels.applies_to(x):
+            return residual + super().forward(x if bias is None else x + bias)
+        return cpu_kernels.bias_dropout_add(residual, x, bias, self.active_p)
 
-    def _cpu_mask(self, x: torch.Tensor) -> bool:
-        return (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
-                and not torch.compiler.is_compiling())
-
-
-_MASK_PARTS = 2  # fixed, not the thread count, so masks do not depend on the machine
-_mask_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """float32 tensor of 0 and 1/(1-p), each entry kept with probability 1 - p."""
-    global _mask_pool
-    n = math.prod(shape)
-    seed = int(torch.randint(0, 2**62, (1,)))
-    mask = np.empty(n, dtype=np.float32)
-    parts = np.array_split(mask, _MASK_PARTS)
-    generators = [np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(_MASK_PARTS)]
-    threshold, scale = np.float32(p), np.float32(1.0 / (1.0 - p))
-
-    def fill(gen: np.random.Generator, part: np.ndarray) -> None:
-        for chunk in np.array_split(part, max(1, part.size >> 16)):  # ~256 KB pieces stay in cache
-            gen.random(out=chunk, dtype=np.float32)
-            np.greater_equal(chunk, threshold, out=chunk, casting="unsafe")  # 1.0 where kept, else 0.0
-            np.multiply(chunk, scale, out=chunk)
-
-    if n < 1 << 16:
-        for gen, part in zip(generators, parts):
-            fill(gen, part)
-    else:  # numpy releases the GIL in these loops: the halves are drawn in parallel
-        if _mask_pool is None or _mask_pool[0] != os.getpid():  # a forked child needs its own thread
-            _mask_pool = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="dropout-mask"))
-        other = _mask_pool[1].submit(fill, generators[1], parts[1])
-        fill(generators[0], parts[0])
-        other.result()
-    return torch.from_numpy(mask).view(shape)
+    @property
+    def active_p(self) -> float:
+        """The drop probability this call applies: p in training, 0 in eval."""
+        return self.p if self.training else 0.0
 
 
 class TiedHeadCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of x @ W^T against targets, with fewer passes over the (tokens x vocab) logits.
+    """Mean cross-entropy of x @ W^T against targets, with one pass over the (tokens x vocab) logits.
 
-    Forward keeps only the log-probabilities. Backward forms softmax - onehot once and folds the 1/N
-    of the mean into the two matmuls (their alpha) instead of torch's zero-filled NLL gradient, then
-    log_softmax's backward: three fewer passes over a 2048 x 10000 fp32 buffer per step at the paper
-    config on CPU. Same function and gradients up to float rounding. Also returns the
-    log-probabilities (no gradient flows through them).
+    Forward turns the logits, in place, into E = exp(logits - row max) and keeps E and each row's
+    1 / sum(E). The gradient (softmax - onehot) / N is never formed: with D = diag(1 / sum(E)),
+        dL/dx = (D E W - W[targets]) / N,    dL/dW = (E^T (D x) - onehot^T x) / N,
+    so backward is the two matmuls plus work on (tokens x width) tensors. torch's path makes five
+    more passes over the 2048 x 10000 fp32 logits per step at the paper config. Same function and
+    gradients up to float rounding.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        log_probs = torch.log_softmax(x @ weight.t(), dim=-1)
-        loss = -log_probs.gather(1, targets[:, None]).mean()
-        ctx.save_for_backward(x, weight, log_probs, targets)
-        ctx.mark_non_differentiable(log_probs)
-        return log_probs, loss
+        exp_logits = x @ weight.t()
+        row_loss, inv_sum = cpu_kernels.softmax_cross_entropy_rows(exp_logits, targets)
+        ctx.save_for_backward(x, weight, exp_logits, inv_sum, targets)
+        return row_loss.mean()
 
     @staticmethod
-    def backward(ctx, _grad_log_probs, grad_loss):
-        x, weight, log_probs, targets = ctx.saved_tensors
+    def backward(ctx, grad_loss):
+        x, weight, exp_logits, inv_sum, targets = ctx.saved_tensors
         scale = float(grad_loss) / targets.numel()
-        grad_logits = torch.exp(log_probs)
-        grad_logits.scatter_add_(1, targets[:, None], grad_logits.new_full((targets.numel(), 1), -1.0))
-        grad_x = torch.addmm(x, grad_logits, weight, beta=0, alpha=scale)  # beta=0: x is only a shape
-        grad_weight = torch.addmm(weight, grad_logits.t(), x, beta=0, alpha=scale)
+        row_scale = (inv_sum * scale)[:, None]
+        grad_x = torch.mm(exp_logits, weight).mul_(row_scale).sub_(weight[targets], alpha=scale)
+        grad_weight = torch.mm(exp_logits.t(), x * row_scale).index_add_(0, targets, x, alpha=-scale)
         return grad_x, grad_weight, None
 
 
@@ -162,9 +123,9 @@ class LMHeadModel(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[:T]
         x = self.final_norm(self.mix(self.emb_dropout(x)))
-        if (targets is not None and not return_logits and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and targets.min() >= 0):
-            _, loss = TiedHeadCrossEntropy.apply(x.reshape(-1, x.shape[-1]), self.tok_emb.weight, targets.reshape(-1))
+        if (targets is not None and not return_logits and cpu_kernels.applies_to(x)
+                and not torch.is_autocast_enabled("cpu") and targets.min() >= 0):
+            loss = TiedHeadCrossEntropy.apply(x.reshape(-1, x.shape[-1]), self.tok_emb.weight, targets.reshape(-1))
             return None, loss
         logits = F.linear(x, self.tok_emb.weight)  # tied head
         if targets is None:
@@ -210,13 +171,25 @@ class LMHeadModel(nn.Module):
         return 2 * self.cfg.d_model * self.cfg.vocab_size
 
 
+class CausalDepthwiseConv(nn.Conv1d):
+    """Depthwise causal conv over time on (B, T, C) inputs, kernel k (weight (C, 1, k), with bias)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return causal_depthwise_conv(x, self.weight, self.bias)
+
+
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise causal conv over time. x: (B, T, C); weight: (C, 1, k). Left-pads k-1 zeros.
 
-    Run as a 2-D conv over (B, C, 1, T) in channels-last layout, which is x's own memory order:
-    no transposed copies in or out (4x faster forward + backward on CPU than conv1d over a
-    transposed x at the paper config).
+    fp32 on CPU: the fused kernel (`cpu_kernels.causal_conv`). Otherwise a 2-D conv over
+    (B, C, 1, T) in channels-last layout, which is x's own memory order: no transposed copies in
+    or out (4x faster forward + backward on CPU than conv1d over a transposed x).
     """
+    if cpu_kernels.applies_to(x) and (fused := cpu_kernels.causal_conv(x, weight, bias)) is not None:
+        return fused
     k, channels = weight.shape[-1], x.shape[-1]
     padded = F.pad(x, (0, 0, k - 1, 0)).unsqueeze(1).permute(0, 3, 1, 2)  # (B, C, 1, T + k - 1) channels-last
     y = F.conv2d(padded, weight.unsqueeze(2), bias, groups=channels)

@@ -19,22 +19,51 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .common import Dropout, LMHeadModel, ModelConfig, causal_depthwise_conv
+from . import cpu_kernels
+from .common import CausalDepthwiseConv, Dropout, LMHeadModel, ModelConfig
 
 Mixing = Literal["gated", "sum", "global", "local"]
 
 
+class LinearGELU(nn.Linear):
+    """GELU(Linear(x)), exact GELU. On CPU (fp32) the bias add and the GELU are one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.applies_to(x):
+            return cpu_kernels.bias_gelu(F.linear(x, self.weight), self.bias)
+        return F.gelu(super().forward(x))
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, dropout: float):
+        # the Identity holds GELU's old place, so parameter names stay those of
+        # (Linear, GELU, Linear, Dropout): ffn.0.*, ffn.2.*
         super().__init__(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), Dropout(dropout)
+            LinearGELU(d_model, 4 * d_model), nn.Identity(), nn.Linear(4 * d_model, d_model), Dropout(dropout)
         )
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + FFN(x), with the dropout fused into the residual add."""
-        up, act, down, dropout = self
-        return dropout.add_to(residual, down(act(up(x))))
+        up, _, down, dropout = self
+        return dropout.add_to(residual, down(up(x)))
+
+
+class GatedMix(nn.Linear):
+    """GAM's gates g_l, g_g = Linear(C, 2C)(h) and the mix they drive:
+        residual + dropout(sigmoid(g_l) * local + sigmoid(g_g) * glob)
+    On CPU (fp32) everything after the matmul (the gate's bias, the sigmoids, the mix, the dropout
+    and the residual add) is one fused kernel."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, 2 * d_model)
+
+    def forward(self, h, local, glob, residual, dropout: Dropout) -> torch.Tensor:
+        if cpu_kernels.applies_to(h):
+            return cpu_kernels.gated_mix(residual, F.linear(h, self.weight), self.bias, local, glob, dropout.active_p)
+        g_local, g_global = torch.sigmoid(super().forward(h)).chunk(2, dim=-1)
+        return dropout.add_to(residual, torch.addcmul(g_local * local, g_global, glob))
 
 
 class GAMBlock(nn.Module):
@@ -43,25 +72,22 @@ class GAMBlock(nn.Module):
         C = cfg.d_model
         self.mixing = mixing
         self.ln1 = nn.LayerNorm(C)
-        self.conv = nn.Conv1d(C, C, cfg.conv_kernel, groups=C) if mixing != "global" else None
+        self.conv = CausalDepthwiseConv(C, cfg.conv_kernel) if mixing != "global" else None
         self.memory = nn.Parameter(torch.empty(cfg.memory_slots, C)) if mixing != "local" else None
-        self.gate = nn.Linear(C, 2 * C) if mixing == "gated" else None
+        self.gate = GatedMix(C) if mixing == "gated" else None
         self.mix_dropout = Dropout(cfg.dropout)
         self.ln2 = nn.LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
-        local = causal_depthwise_conv(h, self.conv.weight, self.conv.bias) if self.conv is not None else None
+        local = self.conv(h) if self.conv is not None else None
         glob = torch.softmax(h @ self.memory.t(), dim=-1) @ self.memory if self.memory is not None else None
         if self.mixing == "gated":
-            g_local, g_global = torch.sigmoid(self.gate(h)).chunk(2, dim=-1)
-            mixed = torch.addcmul(g_local * local, g_global, glob)
-        elif self.mixing == "sum":
-            mixed = local + glob
+            x = self.gate(h, local, glob, x, self.mix_dropout)
         else:
-            mixed = local if local is not None else glob
-        x = self.mix_dropout.add_to(x, mixed)  # x + dropout(mixed)
+            mixed = local + glob if self.mixing == "sum" else (local if local is not None else glob)
+            x = self.mix_dropout.add_to(x, mixed)  # x + dropout(mixed)
         return self.ffn.add_to(x, self.ln2(x))  # x + FFN(LN(x))
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ...config import EngineConfig, OptimConfig
 from ..distributed import DistInfo
-from ..optim import build_adamw
+from ..optim import build_adamw, clip_grad_norm
 from ..perf import tune_cpu_allocator
 from .base import Engine, apply_activation_checkpointing, autocast_for
 
@@ -48,7 +48,7 @@ class SingleEngine(Engine):
 
     def optimizer_step(self) -> float:
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        grad_norm = clip_grad_norm(self.module.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
