@@ -64,6 +64,13 @@ def test_bias_gelu_matches_torch_gelu(monkeypatch):
     _kernel_vs_reference(monkeypatch, cpu_kernels.bias_gelu, [x, bias], atol=2e-6)
 
 
+def test_layer_norm_matches_torch(monkeypatch):
+    x = (torch.randn(3, 29, 48) * 3 + 1).requires_grad_()
+    weight, bias = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
+    _kernel_vs_reference(monkeypatch, lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5), [x, weight, bias],
+                         atol=1e-5)
+
+
 @pytest.mark.parametrize("k,with_bias", [(3, True), (4, True), (1, False)])
 def test_causal_conv_matches_torch_conv(k, with_bias):
     x = torch.randn(3, 19, 24, requires_grad=True)

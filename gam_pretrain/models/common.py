@@ -171,6 +171,15 @@ class LMHeadModel(nn.Module):
         return 2 * self.cfg.d_model * self.cfg.vocab_size
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; on CPU (fp32) one fused kernel each way (`cpu_kernels.layer_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.applies_to(x) and self.weight is not None and self.bias is not None:
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class CausalDepthwiseConv(nn.Conv1d):
     """Depthwise causal conv over time on (B, T, C) inputs, kernel k (weight (C, 1, k), with bias)."""
 

@@ -9,6 +9,7 @@ kernels in csrc/cpu_kernels.cpp do in one pass what torch does in several:
   gated_mix     residual + dropout(sigmoid(g_l) * local + sigmoid(g_g) * glob)   (GAM's mixer)
   bias_gelu     GELU(x + bias), with the bias gradient summed in the same backward pass
   causal_conv   depthwise causal conv over time, straight from (B, T, C) memory (no padded copy)
+  layer_norm    LayerNorm with its weight and bias gradients summed in the same backward pass
   softmax_cross_entropy_rows   in-place exp of the logits + per-row loss, for the fused head
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, default g++;
@@ -58,6 +59,8 @@ _SIGNATURES = {
     "bias_gelu_backward": ([_P, _P, _P, _P, _P, _I64, _I64, _I], None),
     "causal_conv_forward": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I], None),
     "causal_conv_backward": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I], None),
+    "layer_norm_forward": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I], None),
+    "layer_norm_backward": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I], None),
     "softmax_cross_entropy_forward": ([_P, _P, _P, _P, _I64, _I64, _I], None),
 }
 
@@ -318,6 +321,38 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Depthwise causal conv of x (B, T, C) with weight (C, 1, k), or None when the kernels are not
     built (the caller then runs its torch path)."""
     return _CausalConv.apply(x, weight, bias) if library() is not None else None
+
+
+# ---- LayerNorm ---------------------------------------------------------------------------------
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        x = x.contiguous()
+        rows, cols = _rows_cols(x)
+        out, mean, rstd = torch.empty_like(x), x.new_empty(rows), x.new_empty(rows)
+        library().layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), _ptr(mean), _ptr(rstd), rows, cols,
+                                     eps, torch.get_num_threads())
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        rows, cols = _rows_cols(x)
+        grad_x, grad_weight, grad_bias = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        lib = library()
+        scratch = x.new_empty(lib.column_sum_chunks() * 2 * cols)
+        lib.layer_norm_backward(_ptr(grad), _ptr(x), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(grad_x),
+                                _ptr(grad_weight), _ptr(grad_bias), _ptr(scratch), rows, cols, torch.get_num_threads())
+        return grad_x, grad_weight, grad_bias, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with an affine weight and bias."""
+    if library() is not None:
+        return _LayerNorm.apply(x, weight, bias, eps)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 # ---- cross-entropy rows ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .common import CausalDepthwiseConv, Dropout, LMHeadModel, ModelConfig
+from .common import CausalDepthwiseConv, Dropout, LayerNorm, LMHeadModel, ModelConfig
 
 Mixing = Literal["gated", "sum", "global", "local"]
 
@@ -36,18 +36,30 @@ class LinearGELU(nn.Linear):
         return F.gelu(super().forward(x))
 
 
+class LinearDropoutAdd(nn.Linear):
+    """Linear(x), or with a residual and a dropout: residual + dropout(Linear(x)), where on CPU (fp32)
+    the bias, the dropout and the add are one fused kernel."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                dropout: Dropout | None = None) -> torch.Tensor:
+        if residual is None:
+            return super().forward(x)
+        if cpu_kernels.applies_to(x):
+            return dropout.add_to(residual, F.linear(x, self.weight), self.bias)
+        return dropout.add_to(residual, super().forward(x))
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, dropout: float):
         # the Identity holds GELU's old place, so parameter names stay those of
         # (Linear, GELU, Linear, Dropout): ffn.0.*, ffn.2.*
-        super().__init__(
-            LinearGELU(d_model, 4 * d_model), nn.Identity(), nn.Linear(4 * d_model, d_model), Dropout(dropout)
-        )
+        super().__init__(LinearGELU(d_model, 4 * d_model), nn.Identity(), LinearDropoutAdd(4 * d_model, d_model),
+                         Dropout(dropout))
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + FFN(x), with the dropout fused into the residual add."""
+        """residual + FFN(x)."""
         up, _, down, dropout = self
-        return dropout.add_to(residual, down(up(x)))
+        return down(up(x), residual, dropout)
 
 
 class GatedMix(nn.Linear):
@@ -71,12 +83,12 @@ class GAMBlock(nn.Module):
         super().__init__()
         C = cfg.d_model
         self.mixing = mixing
-        self.ln1 = nn.LayerNorm(C)
+        self.ln1 = LayerNorm(C)
         self.conv = CausalDepthwiseConv(C, cfg.conv_kernel) if mixing != "global" else None
         self.memory = nn.Parameter(torch.empty(cfg.memory_slots, C)) if mixing != "local" else None
         self.gate = GatedMix(C) if mixing == "gated" else None
         self.mix_dropout = Dropout(cfg.dropout)
-        self.ln2 = nn.LayerNorm(C)
+        self.ln2 = LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +108,7 @@ class GAM(LMHeadModel):
         super().__init__(cfg, learned_positions=True)
         self.mixing = mixing
         self.blocks = nn.ModuleList(GAMBlock(cfg, mixing) for _ in range(cfg.n_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.final_norm = LayerNorm(cfg.d_model)
         self.init_weights()
 
     def _init_special(self) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Dropout, LMHeadModel, ModelConfig, causal_depthwise_conv, inverse_softplus
+from .common import Dropout, LayerNorm, LMHeadModel, ModelConfig, causal_depthwise_conv, inverse_softplus
 
 try:  # optional fused kernels (pip install 'gam-pretrain[gpu]')
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
@@ -186,7 +186,7 @@ class Mamba(LMHeadModel):
         super().__init__(cfg, learned_positions=paper)
         if paper:
             self.blocks = nn.ModuleList(MambaMixer(cfg) for _ in range(cfg.n_layers))
-            self.final_norm = nn.LayerNorm(cfg.d_model)
+            self.final_norm = LayerNorm(cfg.d_model)
         else:
             self.blocks = nn.ModuleList(ResidualMambaBlock(cfg) for _ in range(cfg.n_layers))
             self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Dropout, LMHeadModel, ModelConfig
+from .common import Dropout, LayerNorm, LMHeadModel, ModelConfig
 from .gam import FeedForward
 
 
@@ -50,9 +50,9 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class Transformer(LMHeadModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, learned_positions=True)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.final_norm = LayerNorm(cfg.d_model)
         self.init_weights()
 
     def forward_flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:

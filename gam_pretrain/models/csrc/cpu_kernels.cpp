@@ -346,6 +346,81 @@ void causal_conv_backward(const float* __restrict grad, const float* __restrict 
     }
 }
 
+// LayerNorm over the last dim: out = (x - mean) * rstd * weight + bias; also writes each row's mean
+// and rstd = 1 / sqrt(var + eps) (biased variance, as torch). x, out: (rows, cols).
+void layer_norm_forward(const float* __restrict x, const float* __restrict weight, const float* __restrict bias,
+                        float* __restrict out, float* __restrict mean, float* __restrict rstd, int64_t rows,
+                        int64_t cols, float eps, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        thread_range(rows, 1, begin, end);
+        for (int64_t r = begin; r < end; ++r) {
+            const float* __restrict xr = x + r * cols;
+            float* __restrict o = out + r * cols;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < cols; ++c) sum += xr[c];
+            const float m = sum / static_cast<float>(cols);
+            float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+            for (int64_t c = 0; c < cols; ++c) sq += (xr[c] - m) * (xr[c] - m);
+            const float rs = 1.0f / std::sqrt(sq / static_cast<float>(cols) + eps);
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) o[c] = (xr[c] - m) * rs * weight[c] + bias[c];
+            mean[r] = m;
+            rstd[r] = rs;
+        }
+    }
+}
+
+// Gradients of layer_norm_forward: grad_x, and grad_weight, grad_bias as column sums
+// (scratch: kChunks * 2 * cols floats).
+void layer_norm_backward(const float* __restrict grad, const float* __restrict x, const float* __restrict mean,
+                         const float* __restrict rstd, const float* __restrict weight, float* __restrict grad_x,
+                         float* __restrict grad_weight, float* __restrict grad_bias, float* __restrict scratch,
+                         int64_t rows, int64_t cols, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t chunk = 0; chunk < kChunks; ++chunk) {
+        int64_t begin, end;
+        split_range(rows, 1, chunk, kChunks, begin, end);
+        float* __restrict sw = scratch + chunk * 2 * cols;
+        float* __restrict sb = sw + cols;
+        std::memset(sw, 0, sizeof(float) * 2 * cols);
+        for (int64_t r = begin; r < end; ++r) {
+            const float* __restrict xr = x + r * cols;
+            const float* __restrict g = grad + r * cols;
+            float* __restrict dx = grad_x + r * cols;
+            const float m = mean[r], rs = rstd[r];
+            float dot = 0.0f, total = 0.0f;  // sum(g * w * xhat), sum(g * w)
+#pragma omp simd reduction(+ : dot, total)
+            for (int64_t c = 0; c < cols; ++c) {
+                const float xhat = (xr[c] - m) * rs;
+                const float gw = g[c] * weight[c];
+                dot += gw * xhat;
+                total += gw;
+                sw[c] += g[c] * xhat;
+                sb[c] += g[c];
+            }
+            const float a = dot / static_cast<float>(cols), b = total / static_cast<float>(cols);
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+                const float xhat = (xr[c] - m) * rs;
+                dx[c] = rs * (g[c] * weight[c] - xhat * a - b);
+            }
+        }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+        float w = 0.0f, b = 0.0f;
+        for (int64_t chunk = 0; chunk < kChunks; ++chunk) {
+            w += scratch[chunk * 2 * cols + c];
+            b += scratch[chunk * 2 * cols + cols + c];
+        }
+        grad_weight[c] = w;
+        grad_bias[c] = b;
+    }
+}
+
 // Cross-entropy rows, in place: logits (rows, vocab) become exp(logit - row max); per row,
 // loss = max + log(sum) - logit[target] and inv_sum = 1 / sum. The caller forms the gradient
 // (softmax - onehot) from these without another pass over the logits.
