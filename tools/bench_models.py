@@ -4,12 +4,12 @@
 
 One run measures, side by side (interleaved round by round, medians reported; in each round a
 model's timed step follows an untimed step of the same model, as in training):
-  - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls: one sample per round, the
-    best sample is the peak);
+  - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls: a sample after every timed
+    step; the best sample is the peak);
   - a full training step (forward, backward, grad clip, AdamW step) of each model: tokens/s and the
     achieved model FLOP/s (analytic training FLOPs per token x tokens/s) as a fraction of that peak
-    (median step against the best sample), and the median over rounds of each step against its
-    own round's peak sample (the machine's speed drifts by several percent between minutes);
+    (median step against the best sample), and the median over rounds of each step against the
+    peak sample taken right after it (the machine's speed drifts by several percent between minutes);
   - `gam-compiled`: our GAM under torch.compile (inductor fuses the elementwise work);
   - the same step for `paper-transcription`: the paper's GAM written plainly
     (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters;
@@ -162,11 +162,12 @@ def main() -> None:
     peaks = [matmul_peak_flops(device, n=4096, repeats=3, dtype=peak_dtype)]
     replay, gemm_flops = prepare_replay(record_matmuls(steps["gam"])) if "gam" in steps else (None, 0)
     times: dict[str, list[float]] = {n: [] for n in names}
-    round_peaks, replay_times = [], []
+    step_peaks: dict[str, list[float]] = {n: [] for n in names}
+    replay_times = []
     # Interleaved, order reversed every round, so drift hits all alike. The timed step follows an
     # untimed step of the same model, as steps follow each other in training (not a step of
-    # another model or the peak sample, which leave its memory cold). Each round ends with a
-    # peak sample (and the replay of GAM's matmuls), so every step has a peak measured beside it.
+    # another model or the peak sample, which leave its memory cold), and is followed by a peak
+    # sample (and, for GAM, the replay of its matmuls), so each step has a peak measured beside it.
     for round_ in range(args.steps):
         for name in names if round_ % 2 == 0 else names[::-1]:
             for _ in range(args.untimed_per_round):
@@ -174,10 +175,10 @@ def main() -> None:
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
-        if replay is not None:
-            replay_times.append(replay())
-        round_peaks.append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
-    peaks += round_peaks
+            if name == "gam" and replay is not None:
+                replay_times.append(replay())
+            step_peaks[name].append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
+    peaks += [p for name in names for p in step_peaks[name]]
     peak = max(peaks)
     tokens = args.batch * args.seq
     results = {}
@@ -189,7 +190,8 @@ def main() -> None:
                          "fraction_of_peak": tps * flops[name] / peak,
                          # each step against the peak sample of its own round: drift cancels within a round
                          "fraction_of_peak_paired_median": statistics.median(
-                             tokens * flops[name] / (t * p) for t, p in zip(times[name], round_peaks))}
+                             tokens * flops[name] / (t * p) for t, p in zip(times[name], step_peaks[name])),
+                         "peak_samples_beside_steps_flops": step_peaks[name]}
     if replay is not None:
         gemm_seconds = statistics.median(replay_times)
         results["gam"]["matmuls_alone"] = {
@@ -224,7 +226,7 @@ def main() -> None:
     for name, r in results.items():
         extra = f"  {r['speedup_vs_paper_transcription']:.3f}x transcription" if "speedup_vs_paper_transcription" in r else ""
         print(f"{name:22s} {r['tokens_per_s']:9.0f} tok/s  {r['fraction_of_peak']:.3f} of peak "
-              f"({r['fraction_of_peak_paired_median']:.3f} against each round's peak sample){extra}")
+              f"({r['fraction_of_peak_paired_median']:.3f} paired with a peak sample each){extra}")
         if "matmuls_alone" in r:
             g = r["matmuls_alone"]
             print(f"{'':22s} its matmuls alone: {g['seconds_per_step']:.3f} s = {g['share_of_gam_step']:.1%} of the step "
