@@ -188,3 +188,13 @@ def test_plain_torch_uses_torch_modules_only():
         plain = drop(x)
     torch.manual_seed(0)
     assert torch.equal(plain, F.dropout(x, 0.5))
+
+
+def test_dropout_of_one_drops_everything():
+    from gam_pretrain.models.common import Dropout
+
+    drop, x, residual = Dropout(1.0), torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.equal(drop(x), torch.zeros_like(x))
+    assert torch.equal(drop.add_to(residual, x, torch.randn(8)), residual)
+    gates, bias = torch.randn(4, 16), torch.randn(16)
+    assert torch.equal(cpu_kernels.gated_mix(residual, gates, bias, x, x, 1.0), residual)

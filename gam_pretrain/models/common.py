@@ -47,13 +47,13 @@ class Dropout(nn.Dropout):
     other dtypes, torch.compile) it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.p > 0.0 and cpu_kernels.applies_to(x)):
+        if not (self.training and 0.0 < self.p < 1.0 and cpu_kernels.applies_to(x)):
             return super().forward(x)
         return cpu_kernels.bias_dropout_add(None, x, None, self.p)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """residual + dropout(x + bias), in one pass on CPU."""
-        if not cpu_kernels.applies_to(x):
+        if not cpu_kernels.applies_to(x) or self.active_p >= 1.0:
             return residual + super().forward(x if bias is None else x + bias)
         return cpu_kernels.bias_dropout_add(residual, x, bias, self.active_p)
 

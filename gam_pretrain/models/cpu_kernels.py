@@ -157,7 +157,7 @@ class MaskParams:
         self.active = p > 0.0
         self.seed = int(torch.randint(0, 2**62, (1,))) if self.active else 0  # one draw from torch's generator
         self.threshold = math.ceil(p * 2**24) if self.active else 0
-        self.scale = 1.0 / (1.0 - p) if self.active else 1.0
+        self.scale = (1.0 / (1.0 - p) if p < 1.0 else 0.0) if self.active else 1.0  # p = 1 keeps nothing
 
     def args(self) -> tuple:
         return self.seed, self.threshold, self.scale, int(self.active)
