@@ -58,9 +58,9 @@ _SIGNATURES = {
     "bias_gelu_forward": ([_P, _P, _P, _P, _I64, _I64, _I], None),
     "bias_gelu_backward": ([_P, _P, _P, _P, _P, _I64, _I64, _I], None),
     "causal_conv_forward": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I], None),
-    "causal_conv_backward": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I], None),
+    "causal_conv_backward": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I], None),
     "layer_norm_forward": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I], None),
-    "layer_norm_backward": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I], None),
+    "layer_norm_backward": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I], None),
     "softmax_cross_entropy_forward": ([_P, _P, _P, _P, _I64, _I64, _I], None),
 }
 
@@ -307,14 +307,14 @@ class _CausalConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, wt = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x, grad_wt = torch.empty_like(x), torch.empty_like(wt)
-        grad_bias = x.new_empty(x.shape[-1]) if ctx.has_bias else None
         lib = library()
         k, channels = wt.shape
+        grad_x, grad_params = torch.empty_like(x), x.new_empty(k + 1, channels)  # weight rows, then bias
         scratch = x.new_empty(lib.column_sum_chunks() * (k + 1) * channels)
-        lib.causal_conv_backward(_ptr(grad), _ptr(x), _ptr(wt), _ptr(grad_x), _ptr(grad_wt), _ptr(grad_bias),
-                                 _ptr(scratch), *x.shape, k, torch.get_num_threads())
-        return grad_x, grad_wt.t().reshape(ctx.weight_shape), grad_bias
+        lib.causal_conv_backward(_ptr(grad), _ptr(x), _ptr(wt), _ptr(grad_x), _ptr(grad_params), _ptr(scratch),
+                                 *x.shape, k, torch.get_num_threads())
+        grad_bias = grad_params[k] if ctx.has_bias else None
+        return grad_x, grad_params[:k].t().reshape(ctx.weight_shape), grad_bias
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -340,12 +340,12 @@ class _LayerNorm(torch.autograd.Function):
         x, mean, rstd, weight = ctx.saved_tensors
         grad = grad.contiguous()
         rows, cols = _rows_cols(x)
-        grad_x, grad_weight, grad_bias = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        grad_x, grad_params = torch.empty_like(x), x.new_empty(2, cols)  # weight, then bias
         lib = library()
         scratch = x.new_empty(lib.column_sum_chunks() * 2 * cols)
         lib.layer_norm_backward(_ptr(grad), _ptr(x), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(grad_x),
-                                _ptr(grad_weight), _ptr(grad_bias), _ptr(scratch), rows, cols, torch.get_num_threads())
-        return grad_x, grad_weight, grad_bias, None
+                                _ptr(grad_params), _ptr(scratch), rows, cols, torch.get_num_threads())
+        return grad_x, grad_params[0], grad_params[1], None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

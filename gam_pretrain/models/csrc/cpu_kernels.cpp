@@ -299,11 +299,10 @@ void causal_conv_forward(const float* __restrict x, const float* __restrict wt, 
     }
 }
 
-// Gradients of causal_conv_forward: grad_x, grad_wt (k, C) and grad_bias (C, or null).
-// scratch: kChunks * (k + 1) * C floats.
+// Gradients of causal_conv_forward: grad_x, and grad_params = [grad_wt (k, C) | grad_bias (C)]
+// (scratch: kChunks * (k + 1) * C floats).
 void causal_conv_backward(const float* __restrict grad, const float* __restrict x, const float* __restrict wt,
-                          float* __restrict grad_x, float* __restrict grad_wt, float* __restrict grad_bias,
-                          float* __restrict scratch, int64_t batch, int64_t time, int64_t channels, int64_t k,
+                          float* __restrict grad_x, float* __restrict grad_params, float* __restrict scratch, int64_t batch, int64_t time, int64_t channels, int64_t k,
                           int threads) {
     const int64_t rows = batch * time;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -338,12 +337,7 @@ void causal_conv_backward(const float* __restrict grad, const float* __restrict 
             for (int64_t c = 0; c < channels; ++c) sb[c] += g[c];
         }
     }
-    for (int64_t c = 0; c < (k + 1) * channels; ++c) {
-        float s = 0.0f;
-        for (int64_t chunk = 0; chunk < kChunks; ++chunk) s += scratch[chunk * (k + 1) * channels + c];
-        if (c < k * channels) grad_wt[c] = s;
-        else if (grad_bias) grad_bias[c - k * channels] = s;
-    }
+    sum_chunks(scratch, grad_params, (k + 1) * channels);
 }
 
 // LayerNorm over the last dim: out = (x - mean) * rstd * weight + bias; also writes each row's mean
@@ -374,11 +368,11 @@ void layer_norm_forward(const float* __restrict x, const float* __restrict weigh
     }
 }
 
-// Gradients of layer_norm_forward: grad_x, and grad_weight, grad_bias as column sums
-// (scratch: kChunks * 2 * cols floats).
+// Gradients of layer_norm_forward: grad_x, and grad_params = [grad_weight | grad_bias] as column
+// sums (scratch: kChunks * 2 * cols floats).
 void layer_norm_backward(const float* __restrict grad, const float* __restrict x, const float* __restrict mean,
                          const float* __restrict rstd, const float* __restrict weight, float* __restrict grad_x,
-                         float* __restrict grad_weight, float* __restrict grad_bias, float* __restrict scratch,
+                         float* __restrict grad_params, float* __restrict scratch,
                          int64_t rows, int64_t cols, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t chunk = 0; chunk < kChunks; ++chunk) {
@@ -410,15 +404,7 @@ void layer_norm_backward(const float* __restrict grad, const float* __restrict x
             }
         }
     }
-    for (int64_t c = 0; c < cols; ++c) {
-        float w = 0.0f, b = 0.0f;
-        for (int64_t chunk = 0; chunk < kChunks; ++chunk) {
-            w += scratch[chunk * 2 * cols + c];
-            b += scratch[chunk * 2 * cols + cols + c];
-        }
-        grad_weight[c] = w;
-        grad_bias[c] = b;
-    }
+    sum_chunks(scratch, grad_params, 2 * cols);
 }
 
 // Cross-entropy rows, in place: logits (rows, vocab) become exp(logit - row max); per row,
