@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install $(CONSTRAINTS) -e '.[test]'
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install $(CONSTRAINTS) -e '.[test,deepspeed]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -6,13 +6,20 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import ConfigError, load_config, parse_overrides, set_value, validate
-from .data.prep import PrepConfig, PrepError
+from .config import (
+    ConfigError, LaunchPrepCommand, PrepCommand, RunConfig, apply_overrides, format_key_table, load_config,
+    load_prep_command, parse_overrides, resolved_yaml, set_value, validate,
+)
+from .data.prep import PrepError
+from .data.recipes import recipe_names
 from .launch.submit import LaunchError
 from .models.common import ModelConfig
+from .paper import SCALES, TABLES
+from .sweep.spec import SweepSpec
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -49,23 +56,43 @@ def train_in_this_process(cfg) -> None:
         os._exit(code)
 
 
+def run_config(args, overrides, default: Path | None = None):
+    """The RunConfig of a command: its --config (or `default`), then the overrides, validated."""
+    return validate(load_config(args.config or default, overrides))
+
+
+def print_config_and_exit(args, cfg) -> bool:
+    if args.print_config:
+        print(resolved_yaml(cfg), end="")
+    return args.print_config
+
+
 def cmd_train(args, overrides):
-    train_in_this_process(validate(load_config(args.config, overrides)))
+    cfg = run_config(args, overrides)
+    if not print_config_and_exit(args, cfg):
+        train_in_this_process(cfg)
 
 
 def cmd_quickstart(args, overrides):
     from .quickstart import run_quickstart
 
-    cfg = validate(load_config(args.config or _default_config("quickstart.yaml"), overrides))
-    run_quickstart(cfg)
+    cfg = run_config(args, overrides, _default_config("quickstart.yaml"))
+    if not print_config_and_exit(args, cfg):
+        run_quickstart(cfg)
+
+
+def model_config(overrides: list[str]) -> ModelConfig:
+    """`models` and `ladder` take model keys, with or without the `model.` prefix."""
+    base = ModelConfig()
+    for key, value in parse_overrides(overrides):
+        set_value(base, key.removeprefix("model."), yaml.safe_load(value) if value != "" else "", source="command line")
+    return base
 
 
 def cmd_models(args, overrides):
     from .models import build_model, variant_configs
 
-    base = ModelConfig()
-    for key, value in parse_overrides(overrides):
-        set_value(base, key.removeprefix("model."), yaml.safe_load(value), source="command line")
+    base = model_config(overrides)
     rows = []
     for label, cfg in variant_configs(base):
         model = build_model(cfg)
@@ -81,69 +108,50 @@ def cmd_models(args, overrides):
         print(f"{r['model']:34s} {r['params']:>14,d} {r['train_flops_per_token'] / 1e9:>20.4f}")
 
 
-def prep_config_from_args(args):
-    import dataclasses
-
-    from .data.sources import SourceSpec
-
-    if not args.recipe:
-        raise ConfigError("prep needs a recipe (embedded, wikitext2, wikitext103, tinystories, files, hf)")
-    if args.recipe in ("files", "hf"):
-        splits = dict(item.split("=", 1) for item in args.split) if args.split else {"train": "train", "validation": "validation"}
-        spec = SourceSpec(kind=args.recipe, path=args.path or "", name=args.name, splits=splits,
-                          text_field=args.text_field, streaming=args.streaming, txt_documents=args.txt_documents)
-        cfg = PrepConfig(source=spec, splits=list(splits))
-    else:
-        from data_prep import load_recipe
-
-        cfg = load_recipe(args.recipe)
-    changes = {k: v for k, v in {"tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
-                                 "block_size": args.block_size, "documents_per_unit": args.documents_per_unit,
-                                 "samples_per_shard": args.samples_per_shard}.items() if v is not None}
-    return dataclasses.replace(cfg, **changes)
+def with_leading_recipe(overrides: list[str]) -> list[str]:
+    """`prep RECIPE --key value ...`: a first bare word is the recipe."""
+    if overrides and not overrides[0].startswith("-") and "=" not in overrides[0]:
+        return ["--recipe", overrides[0], *overrides[1:]]
+    return overrides
 
 
 def cmd_prep(args, overrides):
     from .data.prep import finalize_prep, plan_prep, run_prep, run_units
 
-    if overrides:
-        raise ConfigError(f"prep takes no dotted overrides: {' '.join(overrides)}; use its --options")
-    if args.phase == "all":
-        run_prep(prep_config_from_args(args), args.out, workers=args.workers, progress=not args.no_progress)
-    elif args.phase == "plan":
-        plan_prep(prep_config_from_args(args), args.out)
-    elif args.phase == "units":
-        n = run_units(args.out, args.task_index, args.task_count, workers=args.workers, progress=not args.no_progress)
-        print(f"task {args.task_index} of {args.task_count}: {n} units done")
+    cmd = load_prep_command(PrepCommand, args.config, with_leading_recipe(overrides))
+    if print_config_and_exit(args, cmd):
+        return
+    if cmd.phase == "all":
+        run_prep(cmd.prep, cmd.out, workers=cmd.workers, progress=cmd.progress)
+    elif cmd.phase == "plan":
+        plan_prep(cmd.prep, cmd.out)
+    elif cmd.phase == "units":
+        n = run_units(cmd.out, cmd.task_index, cmd.task_count, workers=cmd.workers, progress=cmd.progress)
+        print(f"task {cmd.task_index} of {cmd.task_count}: {n} units done")
     else:
-        finalize_prep(args.out)
+        finalize_prep(cmd.out)
 
 
-def _launch_config(overrides: list[str]):
-    """launch.* overrides into a LaunchConfig (prep has no RunConfig to carry them)."""
-    from .config import LaunchConfig, RunConfig
+def cmd_launch_train(args, overrides):
+    from .launch import launch_train
 
-    holder = RunConfig()
-    for key, value in parse_overrides(overrides):
-        if not key.startswith("launch."):
-            raise ConfigError(f"launch prep takes only launch.* overrides and prep --options, not {key!r}")
-        set_value(holder, key, yaml.safe_load(value) if value != "" else "", source="command line")
-    return holder.launch
+    cfg = run_config(args, overrides)
+    if print_config_and_exit(args, cfg):
+        return
+    job = launch_train(cfg, dry_run=args.dry_run)
+    if job is not None and args.wait:
+        print(json.dumps(job.results()))
 
 
-def cmd_launch(args, overrides):
-    from .launch import launch_prep, launch_train
+def cmd_launch_prep(args, overrides):
+    from .launch import launch_prep
 
-    if args.what == "train":
-        cfg = validate(load_config(args.config, overrides))
-        job = launch_train(cfg, dry_run=args.dry_run)
-        if job is not None and args.wait:
-            results = job.results()
-            print(json.dumps(results))
-    else:
-        jobs = launch_prep(prep_config_from_args(args), args.out, _launch_config(overrides), dry_run=args.dry_run)
-        if jobs is not None and args.wait:
-            print(json.dumps(jobs[-1].result()))
+    cmd = load_prep_command(LaunchPrepCommand, args.config, with_leading_recipe(overrides))
+    if print_config_and_exit(args, cmd):
+        return
+    jobs = launch_prep(cmd.prep, cmd.out, cmd.launch, dry_run=args.dry_run)
+    if jobs is not None and args.wait:
+        print(json.dumps(jobs[-1].result()))
 
 
 def cmd_status(args, overrides):
@@ -156,10 +164,7 @@ def cmd_status(args, overrides):
 def _sweep(spec_path, overrides):
     from .sweep.spec import check_spec, expand, load_spec
 
-    spec = load_spec(spec_path)
-    for key, value in parse_overrides(overrides):
-        set_value(spec, key, yaml.safe_load(value) if value != "" else "", source="command line")
-    spec = check_spec(spec)
+    spec = check_spec(apply_overrides(load_spec(spec_path), overrides))
     return spec, expand(spec)
 
 
@@ -167,6 +172,8 @@ def cmd_sweep(args, overrides):
     from .sweep.runner import format_status, run_local, run_slurm, write_records, write_run_record
 
     spec, runs = _sweep(args.spec, overrides)
+    if print_config_and_exit(args, spec):
+        return
     if args.list:
         for run in runs:
             print(f"{run.index}\t{run.config.train.run_name}")
@@ -220,9 +227,7 @@ def cmd_fit(args, overrides):
 def cmd_ladder(args, overrides):
     from .sweep.ladder import FAMILIES, WIDTHS, ladder
 
-    base = ModelConfig()
-    for key, value in parse_overrides(overrides):
-        set_value(base, key.removeprefix("model."), yaml.safe_load(value), source="command line")
+    base = model_config(overrides)
     widths = [int(w) for w in args.widths.split(",")] if args.widths else WIDTHS
     rows = []
     for family in ([args.family] if args.family else list(FAMILIES)):
@@ -246,8 +251,7 @@ def cmd_ladder(args, overrides):
 def cmd_paper(args, overrides):
     from .paper import run_table
 
-    parsed = [(k, yaml.safe_load(v) if v != "" else "") for k, v in parse_overrides(overrides)]
-    run_table(args.table, args.scale, out_dir=args.out, overrides=parsed, datasets=args.dataset)
+    run_table(args.table, args.scale, out_dir=args.out, overrides=overrides, datasets=args.dataset)
 
 
 def cmd_verify(args, overrides):
@@ -290,58 +294,53 @@ def cmd_generate(args, overrides):
     print(args.prompt + tokenizer.decode(ids))
 
 
-def add_prep_source_arguments(p) -> None:
-    p.add_argument("recipe", nargs="?", help="a data_prep recipe (embedded, wikitext2, wikitext103, tinystories), "
-                   "or 'files' / 'hf' for a custom source (not needed by --phase units/finalize)")
-    p.add_argument("--out", required=True, help="output directory (re-running resumes it)")
-    p.add_argument("--split", action="append", help="files: SPLIT=GLOB; hf: SPLIT=EXPR (repeatable)")
-    p.add_argument("--path", help="hf: dataset name, local dataset dir, or builder (json, parquet, text)")
-    p.add_argument("--name", help="hf: dataset config name")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--streaming", action="store_true", help="hf: stream instead of downloading")
-    p.add_argument("--txt-documents", choices=["file", "lines"], default="file")
-    p.add_argument("--tokenizer", help="bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--documents-per-unit", type=int)
-    p.add_argument("--samples-per-shard", type=int)
+KEYS_HELP = "config keys (--key VALUE, --key=VALUE or key=VALUE; values are read as YAML; - and _ alike):"
+
+
+def config_parser(sub, name: str, schema: Any, help: str, config_help: str, description: str = ""):
+    """A subcommand over a config dataclass: --config FILE, --print-config, and every key in --help."""
+    p = sub.add_parser(name, help=help, description=description or help, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"{KEYS_HELP}\n{format_key_table(schema)}")
+    p.add_argument("--config", "-c", help=config_help)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gam-pretrain",
-        description="Pretrain GAM and its Transformer/Mamba baselines. Overrides: --section.key VALUE or section.key=VALUE.",
+        prog="gam-pretrain", allow_abbrev=False,
+        description="Pretrain GAM and its Transformer/Mamba baselines. Every command that takes a config "
+                    "reads --config FILE, then dotted overrides (--section.key VALUE or section.key=VALUE); "
+                    "`gam-pretrain COMMAND --help` lists its keys.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train one model from a YAML config plus overrides")
-    p.add_argument("--config", "-c", help="YAML config (default: dataclass defaults = the paper's setting)")
+    run_file = "YAML config (default: the dataclass defaults = the paper's setting)"
+    p = config_parser(sub, "train", RunConfig(), "train one model from a YAML config plus overrides", run_file)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("quickstart", help="GAM vs Transformer vs Mamba on the embedded corpus, with a results table")
-    p.add_argument("--config", "-c", help="YAML config (default: configs/quickstart.yaml)")
+    p = config_parser(sub, "quickstart", RunConfig(), "GAM vs Transformer vs Mamba on the embedded corpus, "
+                      "with a results table", "YAML config (default: configs/quickstart.yaml)")
     p.set_defaults(func=cmd_quickstart)
-    p = sub.add_parser("prep", help="tokenize a corpus into WebDataset shards + manifest.json (resumable)")
-    add_prep_source_arguments(p)
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--phase", choices=["all", "plan", "units", "finalize"], default="all",
-                   help="run one phase only (job arrays: plan once, units in every task, finalize once)")
-    p.add_argument("--task-index", type=int, default=0, help="units phase: this task's index (SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--task-count", type=int, default=1, help="units phase: number of tasks sharing the units")
+    p = config_parser(sub, "prep", PrepCommand(), "tokenize a corpus into WebDataset shards + manifest.json (resumable)",
+                      "YAML with the keys below", description=(
+                          "gam-pretrain prep RECIPE --out DIR [--key VALUE ...]\n\n"
+                          f"RECIPE (the first word, or --recipe): {', '.join(recipe_names())}; it sets prep.*, which "
+                          "the keys below override.\nA corpus of your own: --prep.source.kind files "
+                          "--prep.source.splits.train 'corpus/train/*.txt' --prep.source.splits.validation ..."))
     p.set_defaults(func=cmd_prep)
-    p = sub.add_parser("launch", help="submit training or data prep to SLURM with submitit (--launch.* options)")
+    p = sub.add_parser("launch", help="submit training or data prep to SLURM with submitit (--launch.* keys)")
     launch_sub = p.add_subparsers(dest="what", required=True)
-    lp = launch_sub.add_parser("train", help="a training run: config + overrides, incl. --launch.nodes, "
-                               "--launch.partition, --launch.time_minutes, ...")
-    lp.add_argument("--config", "-c", help="YAML config (may hold a launch: section)")
+    lp = config_parser(launch_sub, "train", RunConfig(), "a training run as a SLURM job (one task per rank)",
+                       "YAML config (may hold a launch: section)")
     lp.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     lp.add_argument("--wait", action="store_true", help="wait for the job and print each rank's result as JSON")
-    lp.set_defaults(func=cmd_launch)
-    lp = launch_sub.add_parser("prep", help="data prep as SLURM jobs: plan -> array of unit tasks -> finalize "
-                               "(--launch.array_tasks, --launch.array_parallelism)")
-    add_prep_source_arguments(lp)
+    lp.set_defaults(func=cmd_launch_train)
+    lp = config_parser(launch_sub, "prep", LaunchPrepCommand(), "data prep as SLURM jobs: plan -> array of unit "
+                       "tasks -> finalize", "YAML with the keys below",
+                       description="gam-pretrain launch prep RECIPE --out DIR [--launch.array_tasks N] [--key VALUE ...]")
     lp.add_argument("--dry-run", action="store_true", help="print the three sbatch scripts; submit nothing")
     lp.add_argument("--wait", action="store_true", help="wait for the finalize job and print its split counts")
-    lp.set_defaults(func=cmd_launch)
+    lp.set_defaults(func=cmd_launch_prep)
     p = sub.add_parser("status", help="job state, step, tokens, checkpoint, speed, ETA and requeues of a run")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
@@ -351,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", help="comma-separated widths (default: the whole ladder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ladder)
-    p = sub.add_parser("sweep", help="run a sweep spec: locally, or as a SLURM job array (--slurm); finished runs are skipped")
-    p.add_argument("spec", help="sweep YAML (see configs/sweeps/)")
+    p = sub.add_parser("sweep", help="run a sweep spec: locally, or as a SLURM job array (--slurm); finished runs "
+                       "are skipped", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"{KEYS_HELP}\n{format_key_table(SweepSpec())}")
+    p.add_argument("spec", help="sweep YAML (see configs/sweeps/); the keys below override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved spec as YAML and exit")
     p.add_argument("--parallel", type=int, default=1, help="local runs at a time")
     p.add_argument("--slurm", action="store_true", help="submit the unfinished runs as one job array (run.launch.* settings)")
     p.add_argument("--dry-run", action="store_true", help="print the job array's sbatch script; submit nothing")
@@ -369,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N = non-embedding (default, as Kaplan et al.) or all parameters")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("paper", help="re-run the paper's Table 1 or 3 and write Markdown + JSON with its numbers beside ours")
-    p.add_argument("table", choices=["table1", "table3"], help="Table 2 is tools/bench_scaling.py")
-    p.add_argument("--scale", choices=["smoke", "cpu", "full"], default="cpu",
+    p.add_argument("table", choices=list(TABLES), help="Table 2 is tools/bench_scaling.py")
+    p.add_argument("--scale", choices=SCALES, default="cpu",
                    help="full = the paper's setting (needs the datasets); cpu = reduced (embedded corpus); smoke = CI")
-    p.add_argument("--dataset", action="append", choices=["wikitext2", "tinystories"], help="only these rows")
+    datasets = sorted({row[0] for rows in TABLES.values() for row in rows})
+    p.add_argument("--dataset", action="append", choices=datasets, help="only these rows")
     p.add_argument("--out", help="output folder (default runs/paper/<table>-<scale>)")
     p.set_defaults(func=cmd_paper)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")

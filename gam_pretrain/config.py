@@ -8,6 +8,11 @@ raises ConfigError naming the key and the valid choices; the CLI turns it into e
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import inspect
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.prep import PrepConfig
+from .data.recipes import load_recipe, recipe_names
 from .models.common import ModelConfig
 
 
@@ -25,50 +32,57 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # a prepared shard directory (`gam-pretrain prep`); empty: prep `recipe` into cache_dir
-    recipe: str = "embedded"  # a data_prep recipe, prepped on first use with this run's block size and vocab
+    dir: str = ""  # a prepared shard directory (`gam-pretrain prep`); empty: the recipe's prep in cache_dir
+    recipe: str = "embedded"  # a recipe (gam_pretrain/data/recipes/) prepped with this run's block size and vocab
     tokenizer: str = ""  # recipe override: bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json
-    cache_dir: str = "runs/data"
-    prep_workers: int = 1
+    cache_dir: str = "runs/data"  # where recipe preps live, one folder per prep config
+    prep_if_missing: bool = False  # prep the recipe here when cache_dir lacks it; false: stop, naming the prep command
+    prep_workers: int = 1  # worker processes for that prep
     num_workers: int = 0  # DataLoader workers per rank
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 3e-4  # peak learning rate (after warm-up)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     weight_decay: float = 0.1  # on matrices and embeddings; never on biases, norms or the SSM's A/D
     grad_clip: float = 1.0  # max global L2 norm; 0 disables
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up: cosine decay, or constant lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # sequences per optimizer step (per process), split into grad_accum micro-batches
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (gradients summed before the step)
     epochs: float = 5.0  # used when max_steps is 0
-    max_steps: int = 0
+    max_steps: int = 0  # optimizer steps of the whole run (0: from epochs); the schedule spans them
     stop_at_step: int = 0  # end this launch after that step with a checkpoint; the schedule still spans max_steps
     eval_interval: int = 500  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole validation split
-    log_interval: int = 10
-    seed: int = 1337
+    log_interval: int = 10  # steps between metrics lines (metrics.jsonl, wandb, progress bar)
+    seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    out_dir: str = "runs"
+    # fast path applied to the plain model from outside (gam_pretrain/accel); auto: the fastest measured one here
+    accel: Literal["auto", "none", "compile"] = "auto"  # fast path applied to the plain model (gam_pretrain/accel); auto: compile on CUDA, none on CPU
+    out_dir: str = "runs"  # parent folder of run directories
     run_name: str = ""  # default: <arch>-<timestamp>
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
-    progress: bool = True
+    progress: bool = True  # a tqdm progress bar on rank 0
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward/backward on each process (batch_size split into grad_accum parts)."""
+        return self.batch_size // self.grad_accum
 
 
 @dataclass
 class EngineConfig:
-    kind: Literal["single", "ddp", "deepspeed", "fsdp2"] = "single"
+    kind: Literal["single", "ddp", "deepspeed", "fsdp2"] = "single"  # how a step runs across processes
     zero_stage: int = 2  # deepspeed: 0-3 (3 = fully sharded, FSDP-style)
     offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed ZeRO-3: parameters in CPU memory
@@ -87,9 +101,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "gam-pretrain"
-    wandb_entity: str = ""
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode (offline: synced later with `wandb sync`)
+    wandb_project: str = "gam-pretrain"  # wandb project name
+    wandb_entity: str = ""  # wandb team or user; empty: your default
 
 
 @dataclass
@@ -98,15 +112,15 @@ class LaunchConfig:
     cluster: Literal["slurm", "local"] = "slurm"  # local: a subprocess on this machine (no SLURM)
     folder: str = ""  # submitit's job files and logs; default: <run dir>/slurm
     job_name: str = ""  # default: the run name
-    nodes: int = 1
-    tasks_per_node: int = 0  # ranks per node; 0 = gpus_per_node, or 1 without GPUs
-    gpus_per_node: int = 0
+    nodes: int = 1  # nodes of one training job
+    tasks_per_node: int = 0  # ranks per node; 0 = gpus_per_node, or 1 without GPUs (see ranks_per_node)
+    gpus_per_node: int = 0  # GPUs requested per node (--gpus-per-node)
     cpus_per_task: int = 0  # 0: the cluster's default; sets OMP_NUM_THREADS in the job
     mem_gb: float = 0.0  # per node; 0: the cluster's default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
+    partition: str = ""  # SLURM partition; empty: the cluster default
+    account: str = ""  # SLURM account to charge; empty: your default
+    qos: str = ""  # SLURM quality of service; empty: the default
+    constraint: str = ""  # SLURM node feature constraint (--constraint)
     time_minutes: int = 240  # wall-clock limit of one attempt; the run requeues itself at the limit
     signal_delay_s: int = 120  # USR2 this long before the limit: time for the synchronized save
     max_requeues: int = 50  # attempts after the first (preemptions + time-outs)
@@ -115,6 +129,15 @@ class LaunchConfig:
     sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options, "--name=value" or "--flag"
     setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load, source venv): shell code by design
     python: str = ""  # interpreter on the compute nodes; default: the one running `launch`
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Training processes per node: tasks_per_node, else one per GPU, else one."""
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
 
 
 @dataclass
@@ -129,13 +152,52 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
+@dataclass
+class PrepCommand:
+    """`gam-pretrain prep`: a corpus into a shard directory. A recipe gives the base of `prep.*`."""
+    recipe: str = ""  # a recipe in gam_pretrain/data/recipes/ (embedded, wikitext2, ...); empty: prep.* alone
+    out: str = ""  # output directory; running again resumes it
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    workers: int = 1  # tokenizer worker processes
+    progress: bool = True  # a progress bar
+    phase: Literal["all", "plan", "units", "finalize"] = "all"  # one phase only: job arrays plan once, run units in every task, finalize once
+    task_index: int = 0  # units phase: this task's index (SLURM_ARRAY_TASK_ID)
+    task_count: int = 1  # units phase: the number of tasks sharing the units
+
+
+@dataclass
+class LaunchPrepCommand:
+    """`gam-pretrain launch prep`: the same prep as SLURM jobs (plan -> unit array -> finalize)."""
+    recipe: str = ""  # a recipe in gam_pretrain/data/recipes/ (embedded, wikitext2, ...); empty: prep.* alone
+    out: str = ""  # output directory, on storage every node can write
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) -> Any:
+    """A prep command config: the recipe's PrepConfig as the base of `prep.*`, then the YAML file,
+    then the overrides (read twice: the first pass only finds the recipe)."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    probe = cls()
+    apply_dict(probe, data, source=str(path))
+    apply_overrides(probe, overrides)
+    if probe.recipe and probe.recipe not in recipe_names():
+        raise ConfigError(f"invalid value {probe.recipe!r} for 'recipe'; valid choices: {', '.join(recipe_names())}")
+    cmd = cls(prep=load_recipe(probe.recipe)) if probe.recipe else cls()
+    apply_dict(cmd, data, source=str(path))
+    apply_overrides(cmd, overrides)
+    if not cmd.out:
+        raise ConfigError("set 'out': the output directory (--out DIR)")
+    return cmd
+
+
 # ---- reading and writing ------------------------------------------------------------------------
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(resolved_yaml(cfg))
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
@@ -152,10 +214,17 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Any = None) -> RunConfig:
+    """`base` (default RunConfig()), then the YAML file at `path`, then the dotted overrides."""
     cfg = base if base is not None else RunConfig()
     if path is not None:
         apply_dict(cfg, read_yaml_mapping(path), source=str(path))
-    for key, value in parse_overrides(overrides or []):
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Dotted command-line overrides onto any config dataclass; values are read as YAML."""
+    for key, value in parse_overrides(overrides):
         set_value(cfg, key, yaml.safe_load(value) if value != "" else "", source="command line")
     return cfg
 
@@ -170,14 +239,32 @@ def config_from_dict(data: dict) -> RunConfig:
 def apply_dict(cfg: Any, data: dict, prefix: str = "", source: str = "") -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and _is_section(cfg, dotted):
             apply_dict(cfg, value, prefix=dotted + ".", source=source)
         else:
             set_value(cfg, dotted, value, source=source)
 
 
+def _is_section(cfg: Any, dotted: str) -> bool:
+    """Whether `dotted` names a nested dataclass (a mapping there sets its keys one by one) rather
+    than a dict-valued key (a mapping there replaces the whole dict). Unknown keys count as
+    sections, so set_value reports them with the valid choices."""
+    obj = cfg
+    for name in dotted.split("."):
+        if not dataclasses.is_dataclass(obj):
+            return False
+        fields = {f.name for f in dataclasses.fields(obj)}
+        if name not in fields:
+            return True
+        hint = typing.get_type_hints(type(obj))[name]
+        if typing.get_origin(hint) is dict:
+            return False
+        obj = getattr(obj, name)
+    return dataclasses.is_dataclass(obj)
+
+
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """Accepts `--a.b value`, `--a.b=value` and `a.b=value`."""
+    """Accepts `--a.b value`, `--a.b=value` and `a.b=value`; `-` in a key reads as `_`."""
     out: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
@@ -195,12 +282,13 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
             key, value = arg.split("=", 1)
         else:
             raise ConfigError(f"cannot read override {arg!r}: use --section.key VALUE or section.key=VALUE")
-        out.append((key, value))
+        out.append((key.replace("-", "_"), value))
         i += 1
     return out
 
 
 def set_value(cfg: Any, dotted: str, value: Any, source: str = "") -> None:
+    """Sets one key. A key one level below a dict-valued field sets that entry (source.splits.train=...)."""
     where = f" (from {source})" if source else ""
     parts = dotted.split(".")
     obj = cfg
@@ -217,9 +305,24 @@ def set_value(cfg: Any, dotted: str, value: Any, source: str = "") -> None:
                                   + ", ".join(f"{path}.{f.name}" for f in dataclasses.fields(hint)))
             setattr(obj, name, coerce(value, hint, path + where))
             return
+        dict_hint = _dict_hint(hint)
+        if dict_hint is not None and depth == len(parts) - 2:
+            entries = dict(getattr(obj, name) or {})
+            entries[parts[-1]] = coerce(value, typing.get_args(dict_hint)[1], dotted + where)
+            setattr(obj, name, entries)
+            return
         obj = getattr(obj, name)
         if not dataclasses.is_dataclass(obj):
             raise ConfigError(f"'{path}'{where} is a value, not a section; it has no key '{parts[depth + 1]}'")
+
+
+def _dict_hint(hint: Any) -> Any:
+    """dict[K, V] from `dict[K, V]` or `dict[K, V] | None`, else None."""
+    if typing.get_origin(hint) is dict:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if typing.get_origin(a) is dict), None)
+    return None
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
@@ -246,6 +349,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         (item,) = typing.get_args(hint)
         items = value if isinstance(value, list) else [value]
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value {value!r} for '{key}': expected a mapping such as {{train: ...}}")
+        key_type, value_type = typing.get_args(hint)
+        return {coerce(k, key_type, key): coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -276,6 +384,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     if cfg.model.arch not in REGISTRY:
         raise ConfigError(f"invalid value {cfg.model.arch!r} for 'model.arch'; valid choices: {', '.join(REGISTRY)}")
+    if not cfg.data.dir and cfg.data.recipe not in recipe_names():
+        raise ConfigError(f"invalid value {cfg.data.recipe!r} for 'data.recipe'; valid choices: "
+                          f"{', '.join(recipe_names())} (or set data.dir to a prepared folder)")
     positive = {
         "model.vocab_size": cfg.model.vocab_size, "model.block_size": cfg.model.block_size,
         "model.d_model": cfg.model.d_model, "model.n_layers": cfg.model.n_layers,
@@ -293,11 +404,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"({cfg.train.grad_accum})")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("'engine.kind' deepspeed needs DeepSpeed: pip install 'gam-pretrain[deepspeed]' "
+                          "(or choose ddp or fsdp2, which need only torch)")
     if not 0 <= cfg.engine.zero_stage <= 3:
         raise ConfigError(f"'engine.zero_stage' must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     if cfg.engine.deepspeed_extra:
-        import json
-
         try:
             if not isinstance(json.loads(cfg.engine.deepspeed_extra), dict):
                 raise ValueError("not an object")
@@ -306,3 +418,56 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set 'train.max_steps' or 'train.epochs' to a positive value")
     return cfg
+
+
+# ---- help: every key with its type, default and meaning ------------------------------------------
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source: the key's one-line meaning."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in lines:
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def key_table(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, current value, meaning) for every leaf key of a config dataclass."""
+    rows = []
+    hints = typing.get_type_hints(type(cfg))
+    comments = field_comments(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(key_table(value, f"{prefix}{f.name}."))
+        else:
+            shown = json.dumps(value) if not isinstance(value, str) or not value else value
+            rows.append((f"{prefix}{f.name}", type_name(hints[f.name]), shown, comments.get(f.name, "")))
+    return rows
+
+
+def format_key_table(cfg: Any) -> str:
+    """The keys of `--help`: one line each, `--key TYPE (default) meaning`."""
+    rows = key_table(cfg)
+    width = max(len(k) + len(t) for k, t, _, _ in rows) + 4
+    return "\n".join(f"  {f'--{k} {t}':<{width}} ({v}) {m}".rstrip() for k, t, v, m in rows)
+
+
+def resolved_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -35,7 +35,11 @@ def checkpoint_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if kind in ("single", "ddp"):
         weights = torch.load(ckpt / "model_optim.pt", map_location="cpu", weights_only=True)["model"]
     elif kind == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise FileNotFoundError(f"{ckpt} is a DeepSpeed checkpoint; reading it needs DeepSpeed: "
+                                    "pip install 'gam-pretrain[deepspeed]'") from None
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
     elif kind == "fsdp2":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, apply_dict, read_yaml_mapping, set_value, validate
+from .config import RunConfig, apply_dict, apply_overrides, read_yaml_mapping, validate
 from .train.loop import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -54,22 +54,20 @@ TABLES = {
 SCALES = ("smoke", "cpu", "full")
 
 
-def row_config(dataset: str, scale: str, model_overrides: dict, overrides: list | None = None) -> RunConfig:
+def row_config(dataset: str, scale: str, model_overrides: dict, overrides: list[str] | None = None) -> RunConfig:
     cfg = RunConfig()
     apply_dict(cfg, read_yaml_mapping(CONFIGS / f"{dataset}.yaml"), source=f"configs/paper/{dataset}.yaml")
     if scale != "full":
         apply_dict(cfg, read_yaml_mapping(CONFIGS / f"{scale}.yaml"), source=f"configs/paper/{scale}.yaml")
     apply_dict(cfg.model, model_overrides, source="the table row")
-    for key, value in overrides or []:
-        set_value(cfg, key, value, source="command line")
-    return validate(cfg)
+    return validate(apply_overrides(cfg, overrides or []))
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
-def run_table(table: str, scale: str, out_dir: str | Path | None = None, overrides: list | None = None,
+def run_table(table: str, scale: str, out_dir: str | Path | None = None, overrides: list[str] | None = None,
               datasets: list[str] | None = None, log=print) -> dict:
     rows = TABLES[table]
     if scale != "full":  # the embedded corpus stands in for every dataset: one group of rows is enough

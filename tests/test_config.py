@@ -9,8 +9,8 @@ from gam_pretrain.config import ConfigError, RunConfig, dump_yaml, load_config, 
 
 
 def test_override_forms():
-    cfg = load_config(None, ["--optim.lr", "1e-3", "--train.max_steps=7", "model.attention=naive", "train.compile=true"])
-    assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.model.attention == "naive" and cfg.train.compile
+    cfg = load_config(None, ["--optim.lr", "1e-3", "--train.max_steps=7", "model.attention=naive", "train.accel=compile"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.model.attention == "naive" and cfg.train.accel == "compile"
 
 
 def test_yaml_file_then_overrides(tmp_path):
@@ -34,7 +34,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("modle.arch=gam", "unknown config key 'modle'"),
         ("model.attention=flash", "valid choices: naive, sdpa"),
         ("train.max_steps=ten", "expected int"),
-        ("train.compile=maybe", "expected bool"),
+        ("train.progress=maybe", "expected bool"),
     ],
 )
 def test_bad_override_names_the_key(override, fragment):
@@ -84,3 +84,81 @@ def test_defaults_are_the_paper_setting():
         3e-4, 0.9, 0.95, 0.1, 1.0)
     assert (cfg.optim.warmup_steps, cfg.train.batch_size, cfg.train.epochs, cfg.model.dropout) == (100, 32, 5.0, 0.1)
     assert yaml.safe_load(open("configs/paper/wikitext2.yaml"))["model"]["attention"] == "naive"
+
+
+def _gam(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gam_pretrain", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.mark.parametrize("command,schema", [(["train"], "RunConfig"), (["launch", "train"], "RunConfig"),
+                                            (["prep"], "PrepCommand"), (["launch", "prep"], "LaunchPrepCommand"),
+                                            (["sweep"], "SweepSpec")])
+def test_help_lists_every_key_with_type_default_and_meaning(command, schema, capsys):
+    import gam_pretrain.config as config
+    from gam_pretrain.sweep.spec import SweepSpec
+
+    cls = SweepSpec if schema == "SweepSpec" else getattr(config, schema)
+    rows = config.key_table(cls())
+    assert all(meaning for _, _, _, meaning in rows), [key for key, _, _, meaning in rows if not meaning]
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    for key, type_, default, meaning in rows:
+        line = next((l for l in shown.splitlines() if l.strip().startswith(f"--{key} ")), None)
+        assert line is not None, key
+        assert type_ in line and f"({default})" in line and meaning[:30] in line, line
+
+
+def test_print_config_prints_the_resolved_yaml_and_exits(tmp_path):
+    proc = _gam("train", "--config", "configs/quickstart.yaml", "--train.max_steps", "7", "--print-config",
+                "--train.out_dir", tmp_path / "never")
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["max_steps"] == 7 and printed["model"]["d_model"] == 128  # file, then overrides
+    assert load_config(None, [f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                              for s, section in printed.items() for k, v in section.items()]) == load_config(
+        "configs/quickstart.yaml", ["--train.max_steps", "7", "--train.out_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
+def test_prep_takes_dotted_keys_over_its_recipe(tmp_path):
+    proc = _gam("prep", "wikitext2", "--out", tmp_path / "wt2", "--prep.vocab_size", "8000", "--workers=3",
+                "prep.source.splits.validation=validation[:10]", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    cmd = yaml.safe_load(proc.stdout)
+    assert cmd["prep"]["vocab_size"] == 8000 and cmd["workers"] == 3  # overridden
+    assert cmd["prep"]["block_size"] == 256 and cmd["prep"]["source"]["name"] == "wikitext-2-raw-v1"  # the recipe's
+    assert cmd["prep"]["source"]["splits"] == {"train": "train", "validation": "validation[:10]", "test": "test"}
+    assert not (tmp_path / "wt2").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["prep", "embedded", "--out", "x", "--prep.vocab_sise", "8"], "unknown config key 'prep.vocab_sise'"),
+    (["prep", "embedded", "--out", "x", "--phase", "some"], "valid choices: all, plan, units, finalize"),
+    (["prep", "nosuch", "--out", "x"], "invalid value 'nosuch' for 'recipe'"),
+    (["prep", "embedded"], "set 'out'"),
+    (["launch", "prep", "embedded", "--out", "x", "--launch.nodez", "2"], "unknown config key 'launch.nodez'"),
+    (["sweep", "configs/sweeps/tiny_cpu.yaml", "--lr.rule", "magic"], "valid choices: constant, scaled, grid"),
+    (["train", "--data.recipe", "nosuch"], "invalid value 'nosuch' for 'data.recipe'"),
+])
+def test_every_command_names_a_bad_key_in_one_line_and_exits_2(args, fragment, tmp_path):
+    proc = _gam(*args, cwd=tmp_path if args[0] != "sweep" else None)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_without_prepared_data_names_the_prep_command(tmp_path):
+    """A missing recipe prep is never started silently: train stops, naming the command to run."""
+    overrides = ["--data.recipe", "embedded", "--data.cache_dir", tmp_path / "cache", "--model.vocab_size", "512",
+                 "--model.block_size", "32", "--train.out_dir", tmp_path / "runs"]
+    proc = _gam("train", *overrides)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "gam-pretrain prep embedded --out" in proc.stderr and "data.prep_if_missing=true" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+    command = proc.stderr.split("`")[1].split()[1:]  # the printed command, minus the program name
+    assert _gam(*command, "--prep.samples_per_shard", "4096", "--progress", "false").returncode == 0
+    again = _gam("train", *overrides, "--print-config")
+    assert again.returncode == 0

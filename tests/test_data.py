@@ -61,8 +61,8 @@ def test_shards_are_plain_webdataset(prepared_small):
 
 
 def test_prep_killed_midway_resumes_to_the_same_manifest(tmp_path, tokenizer_file):
-    args = [sys.executable, "-m", "gam_pretrain", "prep", "embedded", "--tokenizer", tokenizer_file,
-            "--vocab-size", "512", "--block-size", "32", "--documents-per-unit", "1", "--no-progress"]
+    args = [sys.executable, "-m", "gam_pretrain", "prep", "embedded", "--prep.tokenizer", tokenizer_file,
+            "--prep.vocab_size", "512", "--prep.block_size", "32", "--prep.documents_per_unit", "1", "--progress=false"]
     reference = tmp_path / "reference"
     subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
     killed = tmp_path / "killed"
@@ -273,9 +273,9 @@ def test_prep_refuses_to_mix_configurations(tmp_path, tokenizer_file):
 def test_cli_prep_then_verify(tmp_path, tokenizer_file):
     out = tmp_path / "shards"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, "-m", "gam_pretrain", "prep", "embedded", "--out", str(out), "--tokenizer",
-                    tokenizer_file, "--block-size", "32", "--workers", "2", "--no-progress"], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "gam_pretrain", "prep", "embedded", "--out", str(out), "--prep.tokenizer",
+                    tokenizer_file, "--prep.block_size", "32", "--workers", "2", "--progress", "false"], check=True,
+                   env=env, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "gam_pretrain", "verify", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0 and "all shards match" in proc.stdout
 

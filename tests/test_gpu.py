@@ -4,9 +4,9 @@ import torch
 
 from conftest import tiny_model_config
 from gam_pretrain.models import build_model
-from gam_pretrain.models.mamba import selective_scan_torch
+from gam_pretrain.accel.scan import FastSelectiveScan
 from gam_pretrain.train.engines import SingleEngine
-from gam_pretrain.config import OptimConfig
+from gam_pretrain.config import OptimConfig, RunConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -14,15 +14,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("arch", ["gam", "transformer", "mamba"])
 def test_bf16_training_steps_learn(arch):
     torch.manual_seed(0)
-    cfg = tiny_model_config(arch=arch, d_model=64, block_size=64)
-    engine = SingleEngine(build_model(cfg), OptimConfig(lr=3e-3, warmup_steps=0), torch.device("cuda"), "auto")
+    cfg = RunConfig(model=tiny_model_config(arch=arch, d_model=64, block_size=64),
+                    optim=OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant"))
+    engine = SingleEngine(build_model(cfg.model), cfg, torch.device("cuda"))
     data = torch.randint(0, 97, (8, 65))
     data[:, 1::2] = data[:, 0:-1:2]  # a learnable pattern: every odd token repeats its predecessor
-    losses = []
-    for _ in range(30):
-        losses.append(float(engine.forward_backward(data[:, :-1], data[:, 1:], 1.0)))
-        engine.set_lr(3e-3)
-        engine.optimizer_step()
+    losses = [engine.train_step([(data[:, :-1], data[:, 1:])], step, 30).loss for step in range(30)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5
 
 
@@ -43,8 +40,8 @@ def test_torch_scan_on_cuda_matches_cpu():
     b, d, n, l = 2, 16, 8, 40
     args = [torch.randn(b, d, l), torch.randn(b, d, l), -torch.rand(d, n), torch.randn(b, n, l), torch.randn(b, n, l),
             torch.randn(d)]
-    cpu = selective_scan_torch(*args, z=None, delta_bias=None, delta_softplus=True)
-    gpu = selective_scan_torch(*[a.cuda() for a in args], z=None, delta_bias=None, delta_softplus=True)
+    cpu = FastSelectiveScan()(*args, z=None, delta_bias=None, delta_softplus=True)
+    gpu = FastSelectiveScan()(*[a.cuda() for a in args], z=None, delta_bias=None, delta_softplus=True)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 

@@ -168,7 +168,9 @@ def test_preempted_and_timed_out_jobs_requeue_and_end_like_an_uninterrupted_run(
     """Two submitit jobs at once, one per node: one preempted by a job in the higher-priority
     partition, one reaching its time limit (shortened while it runs, so SLURM's --signal fires).
     Both save, requeue, resume and must end with the parameters and loss curve of a plain run."""
-    steps = 16000  # ~1 min: SLURM checks time limits every 30 s, the signal must come before the run ends
+    # SLURM checks time limits every 30 s: the signal must come before the run ends. 16000 steps take
+    # 1-5 minutes, depending on the machine and on the three runs sharing its cores.
+    steps = 16000
     cfg = tiny_config(tmp_path, prepared_small.path, max_steps=steps, eval_interval=0)
     runs = tmp_path / "runs"
     reference = subprocess.Popen([PY, "-m", "gam_pretrain", "train", "--config", str(cfg), "--train.run_name", "ref"],
@@ -194,7 +196,7 @@ def test_preempted_and_timed_out_jobs_requeue_and_end_like_an_uninterrupted_run(
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=60"], check=True)  # let the requeued attempt finish
 
         for run in (preempted, timed_out):
-            wait_for(lambda run=run: sacct(job_id_of(run)) in ("COMPLETED", "FAILED", "CANCELLED"), 240,
+            wait_for(lambda run=run: sacct(job_id_of(run)) in ("COMPLETED", "FAILED", "CANCELLED"), 480,
                      f"{run.name} to end")
             assert sacct(job_id_of(run)) == "COMPLETED", "".join(p.read_text()[-2000:] for p in (run / "slurm").glob("*.out"))
         assert reference.wait(timeout=240) == 0, reference.stderr.read()[-3000:]
@@ -225,8 +227,9 @@ def test_preempted_and_timed_out_jobs_requeue_and_end_like_an_uninterrupted_run(
 @pytest.mark.slurm
 def test_prep_job_array_writes_the_same_manifest_as_local_prep(slurm_cluster, prepared_small, tmp_path):
     out_dir = tmp_path / "prep"
-    out = cli("launch", "prep", "embedded", "--out", out_dir, "--tokenizer", "bpe-bytelevel", "--vocab-size", "512",
-              "--block-size", "32", "--documents-per-unit", "4", "--samples-per-shard", "1024",
+    out = cli("launch", "prep", "embedded", "--out", out_dir, "--prep.tokenizer", "bpe-bytelevel",
+              "--prep.vocab_size", "512", "--prep.block_size", "32", "--prep.documents_per_unit", "4",
+              "--prep.samples_per_shard", "1024",
               "--launch.array_tasks", "3", "--wait", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (out_dir / "manifest.json").read_bytes() == (prepared_small.path / "manifest.json").read_bytes()

@@ -1,6 +1,6 @@
 """Data pipeline throughput: prep with 1 vs 2 workers, and loader speed vs what training consumes.
 
-    python tools/bench_data.py --out tools/results/bench_data_cpu.json
+    python tools/bench_data.py --out results/bench_data_cpu.json
 
 - prep: the embedded corpus (5 MB of text, one work unit per play) tokenized and sharded at block
   256 with a fixed byte-level BPE (trained once, outside the timing), alternately with 1 and 2
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from gam_pretrain.config import OptimConfig
+from gam_pretrain.accel import apply_accel
+from gam_pretrain.config import RunConfig, TrainConfig
 from gam_pretrain.data import PrepConfig, ShardLoader, ShardSet, SourceSpec, run_prep
-from gam_pretrain.models import ModelConfig, build_model
+from gam_pretrain.models import build_model
 from gam_pretrain.train.engines import SingleEngine
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--loader-batches", type=int, default=300)
     parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--out", default="tools/results/bench_data.json")
+    parser.add_argument("--out", default="results/bench_data.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     quiet = dict(log=lambda *a: None, progress=False)
@@ -68,16 +69,15 @@ def main() -> None:
             loader_result[f"num_workers_{num_workers}_tokens_per_s"] = (
                 args.loader_batches * 8 * 256 / (time.perf_counter() - t0))
 
-        model_cfg = ModelConfig(arch="gam")  # the paper setting
-        engine = SingleEngine(build_model(model_cfg), OptimConfig(), torch.device("cpu"), "fp32")
+        cfg = RunConfig(train=TrainConfig(precision="fp32"))  # the paper's model, as the trainer runs it here
+        cpu = torch.device("cpu")
+        engine = SingleEngine(apply_accel(build_model(cfg.model), cfg.train.accel, cpu), cfg, cpu)
         loader = ShardLoader(shards, "train", 8, seed=0)
-        engine.forward_backward(*loader.next_batch(), 1.0)
-        engine.optimizer_step()
+        engine.train_step([loader.next_batch()], 0, 1)
         times = []
         for _ in range(args.train_steps):
             t0 = time.perf_counter()
-            engine.forward_backward(*loader.next_batch(), 1.0)
-            engine.optimizer_step()
+            engine.train_step([loader.next_batch()], 0, 1)
             times.append(time.perf_counter() - t0)
         consumption = 8 * 256 / statistics.median(times)
         loader_result["gam_paper_training_tokens_per_s"] = consumption

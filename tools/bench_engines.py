@@ -1,6 +1,6 @@
 """Per-rank model-state memory and step time of every engine at world size 2 (CPU, gloo).
 
-    python tools/bench_engines.py --out tools/results/bench_engines_cpu.json
+    python tools/bench_engines.py --out results/bench_engines_cpu.json
 
 Launches itself under torchrun with 2 processes. For DDP, ZeRO-0/1/2/3 and FSDP2 it builds the
 same GAM, runs warm-up steps, then times training steps (forward, backward, clip, AdamW) on
@@ -47,7 +47,7 @@ def worker(args) -> None:
     info = init_distributed("cpu")
     model_args = [f"model.d_model={args.width}", f"model.n_layers={args.layers}", f"model.vocab_size={args.vocab}",
                   f"model.block_size={args.seq}", f"model.memory_slots={args.width}", "model.dropout=0.0",
-                  f"train.batch_size={args.batch}"]
+                  f"train.batch_size={args.batch}", "optim.warmup_steps=0", "optim.schedule=constant"]
     engines = {}
     for name, overrides in ENGINES.items():
         cfg = load_config(None, model_args + overrides)
@@ -58,9 +58,7 @@ def worker(args) -> None:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step(engine):
-        engine.set_lr(3e-4)
-        engine.forward_backward(x, y, 1.0)
-        engine.optimizer_step()
+        engine.train_step([(x, y)], step=0, total_steps=1)
 
     for engine in engines.values():
         for _ in range(2):
@@ -101,7 +99,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", default="tools/results/bench_engines.json")
+    parser.add_argument("--out", default="results/bench_engines.json")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out:

@@ -1,23 +1,22 @@
-"""Training-step throughput of every family at the paper config, against the fp32 matmul peak.
+"""Training-step throughput of the plain models and of each fast path (gam_pretrain.accel), side by side.
 
-    python tools/bench_models.py --batch 8 --seq 256 --steps 5 --out tools/results/bench_models_cpu.json
+    python tools/bench_models.py --batch 8 --seq 256 --steps 5 --out results/bench_models_cpu.json
 
-One run measures, side by side (interleaved round by round, medians reported; in each round a
-model's timed step follows an untimed step of the same model, as in training):
-  - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls: a sample after every timed
-    step; the best sample is the peak);
-  - a full training step (forward, backward, grad clip, AdamW step) of each model: tokens/s and the
-    achieved model FLOP/s (analytic training FLOPs per token x tokens/s) as a fraction of that peak
-    (median step against the best sample), and the median over rounds of each step against the
-    peak sample taken right after it (the machine's speed drifts by several percent between minutes);
-  - `gam-compiled`: our GAM under torch.compile (inductor fuses the elementwise work);
-  - the same step for `paper-transcription`: the paper's GAM written plainly
-    (gam_pretrain/models/reference.py) with an unfused torch AdamW over all parameters;
-  - for `gam`, a ceiling: the step's own matmuls (same shapes and strides, recorded during a step)
-    replayed alone, once per round. Their time is what a step would take if every other op (norms, GELU, softmax,
-    dropout, loss, optimizer) were free, so model FLOPs / (that time x peak) bounds the fraction
-    of peak any fp32 implementation of this step can reach on this machine. (On a GPU at the paper
-    size the replay is bound by kernel launches, not by the matmuls, so the ceiling says little there.)
+One run measures, interleaved round by round (order reversed every round, so drift hits all alike;
+medians reported; a variant's timed step follows an untimed step of the same variant, as steps
+follow each other in training):
+  - a full training step (forward, backward, grad clip, fused AdamW step) of each variant: a model
+    (`--models`) as built (the plain PyTorch model, labelled by its name) and after `apply_accel`
+    with each kind in `--accels` (labelled name+kind; `none` differs from the plain model only for
+    Mamba, which it gives the scan `model.scan` picks): tokens/s, and per kind the speedup over the
+    plain model (ratio of medians, and the median over rounds of the ratio of the two steps of the
+    same round);
+  - the fp32 (bf16 on GPU) matmul peak of this machine (4096^3 matmuls, one sample per round; the
+    best sample is the peak) and each variant's achieved model FLOP/s as a fraction of it;
+  - for plain `gam`, a ceiling: the step's own matmuls (same shapes and strides, recorded during a
+    step) replayed alone, once per round. Their time is what a step would take if every other op
+    (norms, GELU, softmax, dropout, loss, optimizer) were free, so model FLOPs / (that time x peak)
+    bounds the fraction of peak any fp32 implementation of this step can reach on this machine.
 """
 from __future__ import annotations
 
@@ -26,56 +25,51 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from gam_pretrain.accel import apply_accel
 from gam_pretrain.config import OptimConfig
 from gam_pretrain.models import ModelConfig, build_model
-from gam_pretrain.models.reference import PaperGAM
 from gam_pretrain.train.optim import build_adamw, clip_grad_norm
 from gam_pretrain.train.perf import matmul_peak_flops, tune_cpu_allocator
 
 MODELS = {
     "gam": dict(arch="gam"),
-    "gam-compiled": dict(arch="gam"),
-    "paper-transcription": dict(arch="gam"),
     "transformer-sdpa": dict(arch="transformer", attention="sdpa"),
     "transformer-naive": dict(arch="transformer", attention="naive"),
     "mamba-standard": dict(arch="mamba", stack="standard"),
     "mamba-paper": dict(arch="mamba", stack="paper"),
 }
+ACCELS = ("auto", "none", "compile")
 
 
-def make_step(name: str, cfg: ModelConfig, device: torch.device, batch: int, seq: int, bf16: bool):
+def make_step(cfg: ModelConfig, accel: str | None, device: torch.device, batch: int, seq: int, bf16: bool):
+    """(step, training FLOPs per token): step() runs one training step of build_model(cfg) with the
+    fast path `accel` applied (None: the plain model, as built)."""
     torch.manual_seed(0)
-    if name == "paper-transcription":
-        model = PaperGAM(cfg).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                      foreach=False, fused=False)
-        clip = torch.nn.utils.clip_grad_norm_
-    else:
-        model = build_model(cfg).to(device)
-        optimizer = build_adamw(model, OptimConfig(), fused=True)
-        clip = clip_grad_norm  # as the single-process engine steps
-    forward = torch.compile(model) if name.endswith("-compiled") else model
-    kwargs = {} if name == "paper-transcription" else {"return_logits": False}  # as the trainer calls it
+    model = build_model(cfg).to(device)
+    flops = model.flops_per_token(seq)
+    if accel is not None:
+        model = apply_accel(model, accel, device)
+    optimizer = build_adamw(model, OptimConfig(), fused=True)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, loss = forward(x, y, **kwargs)
+            _, loss = model(x, y, return_logits=False)  # as the trainer calls it
         loss.backward()
-        clip(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0)  # as the single-process engine steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    flops = build_model(cfg).flops_per_token(seq) if name != "paper-transcription" else None
     return step, flops
 
 
@@ -137,37 +131,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--untimed-per-round", type=int, default=1,
-                        help="steps each model runs, untimed, right before its timed step in a round")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+                        help="steps each variant runs, untimed, right before its timed step in a round")
+    parser.add_argument("--models", default="gam,transformer-sdpa",
+                        help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--accels", default="compile",
+                        help="apply_accel kinds to measure against each plain model, of " + ",".join(ACCELS))
+    parser.add_argument("--skip", default="",
+                        help="comma-separated model:accel pairs to leave out, e.g. transformer-sdpa:compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="tools/results/bench_models.json")
+    parser.add_argument("--out", default="results/bench_models.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        tune_cpu_allocator()  # as the trainer does; process-wide, so every model below gets it
+        tune_cpu_allocator()  # as the trainer does; process-wide, so every variant below gets it
     bf16 = device.type == "cuda"
-    names = args.models.split(",")
-    cfgs = {n: ModelConfig(block_size=max(256, args.seq), **MODELS[n]) for n in names}
+    accels = [None] + args.accels.split(",")
+    skipped = set(filter(None, args.skip.split(",")))
+    variants = [(m, a) for m in args.models.split(",") for a in accels if f"{m}:{a}" not in skipped]
+    label = lambda m, a: m if a is None else f"{m}+{a}"  # noqa: E731
 
     steps, flops = {}, {}
-    for name in names:
-        steps[name], flops[name] = make_step(name, cfgs[name], device, args.batch, args.seq, bf16)
+    for model_name, accel in variants:
+        cfg = ModelConfig(block_size=max(256, args.seq), **MODELS[model_name])
+        name = label(model_name, accel)
+        steps[name], flops[name] = make_step(cfg, accel, device, args.batch, args.seq, bf16)
+        t0 = time.perf_counter()
         for _ in range(2):
             steps[name]()
-    if "paper-transcription" in flops:
-        flops["paper-transcription"] = build_model(cfgs["paper-transcription"]).flops_per_token(args.seq)
+        print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    names = list(steps)
     peak_dtype = torch.bfloat16 if bf16 else torch.float32
-    peaks = [matmul_peak_flops(device, n=4096, repeats=3, dtype=peak_dtype)]
+    peaks = [matmul_peak_flops(device, n=4096, repeats=2, dtype=peak_dtype)]
     replay, gemm_flops = prepare_replay(record_matmuls(steps["gam"])) if "gam" in steps else (None, 0)
     times: dict[str, list[float]] = {n: [] for n in names}
-    step_peaks: dict[str, list[float]] = {n: [] for n in names}
     replay_times = []
-    # Interleaved, order reversed every round, so drift hits all alike. The timed step follows an
-    # untimed step of the same model, as steps follow each other in training (not a step of
-    # another model or the peak sample, which leave its memory cold), and is followed by a peak
-    # sample (and, for GAM, the replay of its matmuls), so each step has a peak measured beside it.
     for round_ in range(args.steps):
         for name in names if round_ % 2 == 0 else names[::-1]:
             for _ in range(args.untimed_per_round):
@@ -177,60 +176,55 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
             if name == "gam" and replay is not None:
                 replay_times.append(replay())
-            step_peaks[name].append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
-    peaks += [p for name in names for p in step_peaks[name]]
+        peaks.append(matmul_peak_flops(device, n=4096, repeats=1, dtype=peak_dtype))
     peak = max(peaks)
     tokens = args.batch * args.seq
     results = {}
     for name in names:
         median = statistics.median(times[name])
         tps = tokens / median
-        results[name] = {"median_step_s": median, "step_times_s": times[name], "tokens_per_s": tps,
-                         "train_flops_per_token": flops[name], "achieved_flops": tps * flops[name],
-                         "fraction_of_peak": tps * flops[name] / peak,
-                         # each step against the peak sample of its own round: drift cancels within a round
-                         "fraction_of_peak_paired_median": statistics.median(
-                             tokens * flops[name] / (t * p) for t, p in zip(times[name], step_peaks[name])),
-                         "peak_samples_beside_steps_flops": step_peaks[name]}
+        results[name] = {"median_step_s": median, "min_step_s": min(times[name]), "step_times_s": times[name],
+                         "tokens_per_s": tps, "train_flops_per_token": flops[name],
+                         "achieved_flops": tps * flops[name], "fraction_of_peak": tps * flops[name] / peak}
+    for model_name, accel in variants:
+        if accel is not None:
+            plain, fast = times[model_name], times[label(model_name, accel)]
+            results[label(model_name, accel)]["speedup_vs_plain"] = statistics.median(plain) / statistics.median(fast)
+            # the same from the two steps of each round (run close together): drift mostly cancels within a round
+            results[label(model_name, accel)]["speedup_vs_plain_paired_median"] = statistics.median(
+                p / f for p, f in zip(plain, fast))
     if replay is not None:
         gemm_seconds = statistics.median(replay_times)
         results["gam"]["matmuls_alone"] = {
             "seconds_per_step": gemm_seconds, "seconds_per_round": replay_times, "matmul_flops_per_step": gemm_flops,
             "fraction_of_peak_ceiling": tokens * flops["gam"] / gemm_seconds / peak,
             "share_of_gam_step": gemm_seconds / results["gam"]["median_step_s"],
-            "share_of_gam_step_paired_median": statistics.median(r / t for r, t in zip(replay_times, times["gam"])),
         }
-    for name in ("gam", "gam-compiled"):
-        if name in results and "paper-transcription" in results:
-            results[name]["speedup_vs_paper_transcription"] = (
-                results[name]["tokens_per_s"] / results["paper-transcription"]["tokens_per_s"])
-            # the same, from the two steps of each round (run back to back): drift cancels within a pair
-            results[name]["speedup_vs_paper_transcription_paired_median"] = statistics.median(
-                p / t for p, t in zip(times["paper-transcription"], times[name]))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         rev = ""
     report = {
-        "benchmark": "bench_models", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": rev, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "benchmark": "bench_models", "command": "python " + " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_revision": rev,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
         "precision": "bf16 autocast" if bf16 else "fp32", "untimed_steps_per_round": args.untimed_per_round,
-        "matmul_peak_flops": peak,
-        "peak_samples_flops": peaks, "models": results,
+        "matmul_peak_flops": peak, "peak_samples_flops": peaks, "models": results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({report['precision']}, {report['threads']} threads)")
     for name, r in results.items():
-        extra = f"  {r['speedup_vs_paper_transcription']:.3f}x transcription" if "speedup_vs_paper_transcription" in r else ""
-        print(f"{name:22s} {r['tokens_per_s']:9.0f} tok/s  {r['fraction_of_peak']:.3f} of peak "
-              f"({r['fraction_of_peak_paired_median']:.3f} paired with a peak sample each){extra}")
+        extra = (f"  {r['speedup_vs_plain']:.3f}x plain ({r['speedup_vs_plain_paired_median']:.3f}x paired)"
+                 if "speedup_vs_plain" in r else "")
+        print(f"{name:28s} median {r['median_step_s']:.3f} s  min {r['min_step_s']:.3f} s  {r['tokens_per_s']:7.0f} tok/s"
+              f"  {r['fraction_of_peak']:.3f} of peak{extra}")
         if "matmuls_alone" in r:
             g = r["matmuls_alone"]
-            print(f"{'':22s} its matmuls alone: {g['seconds_per_step']:.3f} s = {g['share_of_gam_step']:.1%} of the step "
-                  f"({g['share_of_gam_step_paired_median']:.1%} paired); ceiling {g['fraction_of_peak_ceiling']:.3f} of peak")
+            print(f"{'':28s} its matmuls alone: {g['seconds_per_step']:.3f} s = {g['share_of_gam_step']:.1%} of the step; "
+                  f"ceiling {g['fraction_of_peak_ceiling']:.3f} of peak")
     print(f"wrote {out}")
 
 

@@ -1,7 +1,7 @@
 """Table 2: one block's forward + backward time and memory against sequence length, per model.
 
-    python tools/bench_scaling.py --out tools/results/bench_scaling_cpu.json            # CPU scale
-    python tools/bench_scaling.py --gpu --out tools/results/bench_scaling_h100.json     # paper scale
+    python tools/bench_scaling.py --out results/bench_scaling_cpu.json            # CPU scale
+    python tools/bench_scaling.py --gpu --out results/bench_scaling_h100.json     # paper scale
 
 For each sequence length, every model's block runs forward + backward on a (batch, T, width)
 input, interleaved model by model, and the median of the repetitions is reported. Memory: peak

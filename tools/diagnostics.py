@@ -1,6 +1,6 @@
 """Receptive field and associative recall of every family (gam_pretrain/eval/diagnostics.py).
 
-    python tools/diagnostics.py --out tools/results/diagnostics_cpu.json      # ~10 min on 2 cores
+    python tools/diagnostics.py --out results/diagnostics_cpu.json      # ~10 min on 2 cores
     python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Writes JSON and a PNG (same name): (a) the measured receptive field against GAM's theory

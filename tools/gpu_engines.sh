@@ -6,7 +6,7 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTHONWARNINGS=ignore
-python3 -m gam_pretrain prep embedded --out /tmp/gpu-data --block-size 128 --workers 8 --no-progress | tail -2
+python3 -m gam_pretrain prep embedded --out /tmp/gpu-data --prep.block_size 128 --workers 8 --progress false | tail -2
 for E in ddp zero1 zero2 zero3 fsdp2; do
   case $E in
     ddp) ENG="engine.kind=ddp" ;;

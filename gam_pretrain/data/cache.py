@@ -1,14 +1,20 @@
-"""The training side of data: open a shard directory, or prep a recipe into a cache on first use,
-and refuse data that does not fit the model."""
+"""The training side of data: open a shard directory or a recipe's prep in the cache (prepping it
+only when asked), and refuse data that does not fit the model."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
-from .prep import run_prep
+from .prep import PrepConfig, run_prep
+from .recipes import load_recipe
 from .shards import ShardSet
+
+
+class DataMissingError(FileNotFoundError):
+    """The run's recipe has not been prepared, and data.prep_if_missing is off."""
 
 
 class DataMismatchError(ValueError):
@@ -24,22 +30,42 @@ def check_fits(data: ShardSet, vocab_size: int, block_size: int) -> None:
     if data.block_size != block_size:
         raise DataMismatchError(
             f"the shards in {data.path} are packed for block_size {data.block_size} but model.block_size is "
-            f"{block_size}; set model.block_size={data.block_size} or prep again with --block-size {block_size}"
+            f"{block_size}; set model.block_size={data.block_size} or prep again with --prep.block_size {block_size}"
         )
 
 
+def recipe_prep(data_cfg, model_cfg) -> tuple[PrepConfig, Path]:
+    """The prep config a run's recipe implies (the run's block size and vocabulary), and the folder
+    in data.cache_dir that holds it: one folder per distinct prep config."""
+    recipe = load_recipe(data_cfg.recipe)
+    prep_cfg = dataclasses.replace(recipe, block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
+                                   tokenizer=data_cfg.tokenizer or recipe.tokenizer)
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(prep_cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return prep_cfg, Path(data_cfg.cache_dir) / f"{data_cfg.recipe}-{key}"
+
+
+def prep_command(recipe: str, prep_cfg: PrepConfig, out: Path) -> str:
+    """The `gam-pretrain prep` command line that writes `prep_cfg` for `recipe` into `out`."""
+    base = load_recipe(recipe)
+    changed = [f"--prep.{name} {shlex.quote(str(getattr(prep_cfg, name)))}" for name in ("tokenizer", "vocab_size", "block_size")
+               if getattr(prep_cfg, name) != getattr(base, name)]
+    return " ".join(["gam-pretrain prep", recipe, "--out", shlex.quote(str(out)), *changed])
+
+
 def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
+    """data.dir, or the recipe's prep in data.cache_dir. A missing prep runs here only with
+    data.prep_if_missing (the quickstart sets it): a cluster job never starts an hours-long prep
+    on rank 0 by surprise."""
     if data_cfg.dir:
         data = ShardSet(data_cfg.dir)
     else:
-        from data_prep import load_recipe
-
-        recipe = load_recipe(data_cfg.recipe)
-        prep_cfg = dataclasses.replace(recipe, block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
-                                       tokenizer=data_cfg.tokenizer or recipe.tokenizer)
-        key = hashlib.sha256(json.dumps(dataclasses.asdict(prep_cfg), sort_keys=True).encode()).hexdigest()[:12]
-        out = Path(data_cfg.cache_dir) / f"{data_cfg.recipe}-{key}"
+        prep_cfg, out = recipe_prep(data_cfg, model_cfg)
         if not (out / "manifest.json").is_file():
+            if not data_cfg.prep_if_missing:
+                raise DataMissingError(
+                    f"no prepared data for recipe {data_cfg.recipe!r} in {out}; prepare it first with "
+                    f"`{prep_command(data_cfg.recipe, prep_cfg, out)}` (or set data.prep_if_missing=true "
+                    f"to prep in this process, or data.dir to a prepared folder)")
             run_prep(prep_cfg, out, workers=data_cfg.prep_workers, log=log, progress=False)
         data = ShardSet(out)
     check_fits(data, model_cfg.vocab_size, model_cfg.block_size)

@@ -56,13 +56,13 @@ class PrepError(RuntimeError):
 @dataclass
 class PrepConfig:
     source: SourceSpec = field(default_factory=SourceSpec)
-    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
-    tokenizer: str = "bpe-whitespace"  # bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])  # splits to write (train first)
+    tokenizer: str = "bpe-whitespace"  # bpe-whitespace | bpe-bytelevel (trained on train) | path/to/tokenizer.json
     vocab_size: int = 10000  # for a trained tokenizer
-    tokenizer_train_documents: int = 0  # 0 = the whole train split
-    block_size: int = 256
-    documents_per_unit: int = 1000
-    samples_per_shard: int = 2048
+    tokenizer_train_documents: int = 0  # train documents the tokenizer learns from; 0 = the whole train split
+    block_size: int = 256  # tokens per training sample (each window holds block_size + 1)
+    documents_per_unit: int = 1000  # documents per work unit (the unit of parallelism and of resume)
+    samples_per_shard: int = 2048  # samples per tar shard
 
 
 def tokenizer_dtype(vocab_size: int) -> str:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from .corpus import EMBEDDED_DIR
 
@@ -37,16 +37,16 @@ class SourceSpec:
       (e.g. validation: "train[:5000]").
     """
 
-    kind: str = "embedded"
-    path: str = ""
-    name: str | None = None
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation"})
-    text_field: str = "text"
-    streaming: bool = False
-    data_files: dict[str, list[str]] | None = None
-    revision: str | None = None
-    txt_documents: str = "file"  # file | lines
-    max_documents: dict[str, int] = field(default_factory=dict)  # per split cap (TinyStories: 50k / 5k)
+    kind: Literal["embedded", "files", "hf"] = "embedded"  # embedded | files (local globs) | hf (datasets)
+    path: str = ""  # hf: dataset name, local dataset dir, or builder (json, parquet, text)
+    name: str | None = None  # hf: dataset config name (wikitext-2-raw-v1)
+    splits: dict[str, str | list[str]] = field(default_factory=lambda: {"train": "train", "validation": "validation"})  # our split -> files: a glob or a list of globs; hf: a split expression
+    text_field: str = "text"  # the field that holds a document's text (jsonl, parquet, hf)
+    streaming: bool = False  # hf: stream instead of downloading the whole dataset
+    data_files: dict[str, list[str]] | None = None  # hf builders: split -> files
+    revision: str | None = None  # hf: dataset revision (a commit, for reproducibility)
+    txt_documents: Literal["file", "lines"] = "file"  # files: a .txt file is one document, or one per non-empty line
+    max_documents: dict[str, int] = field(default_factory=dict)  # split -> at most this many documents (TinyStories: 50k / 5k)
 
 
 @functools.lru_cache(maxsize=4)

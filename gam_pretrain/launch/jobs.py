@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from ..train.distributed import set_rank_environment
 from ..train.preemption import EXIT_REQUEUE, Preempted, catch_early_signals
 
 
@@ -22,10 +23,7 @@ def _rank_environment() -> None:
     import submitit
 
     env = submitit.JobEnvironment()
-    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
-    digits = "".join(c for c in str(env.job_id) if c.isdigit()) or "0"
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(digits) % 20000))
+    set_rank_environment(env.global_rank, env.num_tasks, env.local_rank, env.hostnames[0], env.job_id)
 
 
 def slurm_job_id() -> str | None:

@@ -26,10 +26,6 @@ class LaunchError(RuntimeError):
     """SLURM is absent or refused the job; the message carries what sbatch said."""
 
 
-def tasks_per_node(launch: LaunchConfig) -> int:
-    return launch.tasks_per_node or max(launch.gpus_per_node, 1)
-
-
 def parse_sbatch_args(args: list[str]) -> dict:
     out = {}
     for arg in args:
@@ -136,7 +132,7 @@ def launch_train(cfg: RunConfig, dry_run: bool = False, log=print):
     launch = cfg.launch
     run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
     folder = Path(launch.folder) if launch.folder else run_dir / "slurm"
-    ntasks = tasks_per_node(launch)
+    ntasks = launch.ranks_per_node
     executor = make_executor(launch, folder, launch.job_name or cfg.train.run_name, ntasks, dry_run=dry_run)
     if dry_run:
         log(render_script(executor), end="")

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Dropout, LayerNorm, LMHeadModel, ModelConfig
-from .gam import FeedForward
+from .common import FeedForward, LMHeadModel, ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -27,10 +26,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        # torch's own dropout here: SDPA draws its attention dropout from torch's generator the same way,
-        # so naive and sdpa stay the same function in training too
         self.attn_dropout = nn.Dropout(cfg.dropout)
-        self.resid_dropout = Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -50,21 +47,21 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.d_model)
+        self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = LayerNorm(cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return self.ffn.add_to(x, self.ln2(x))  # x + FFN(LN(x))
+        return x + self.ffn(self.ln2(x))
 
 
 class Transformer(LMHeadModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, learned_positions=True)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = LayerNorm(cfg.d_model)
+        self.final_norm = nn.LayerNorm(cfg.d_model)
         self.init_weights()
 
     def forward_flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:

@@ -18,7 +18,7 @@ import torch
 
 from ..models import ModelConfig, build_model
 
-FAMILIES = {"gam": "gam", "transformer": "transformer", "mamba": "mamba"}
+FAMILIES = ("gam", "transformer", "mamba")  # each family is also the name of its registry architecture
 # widths from ~1M parameters (vocab 10k) to past 1B; smaller ones exist for CPU-scale tests
 WIDTHS = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
 
@@ -44,7 +44,7 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
         raise ValueError(f"width {width} must be a positive multiple of 8")
     base = base or ModelConfig()
     depth = max(2, width // 64)
-    cfg = dataclasses.replace(base, arch=FAMILIES[family], d_model=width, n_layers=depth)
+    cfg = dataclasses.replace(base, arch=family, d_model=width, n_layers=depth)
     if family == "transformer":
         cfg = dataclasses.replace(cfg, n_heads=max(1, width // 64), attention="sdpa")
     elif family == "mamba":

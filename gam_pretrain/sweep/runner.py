@@ -97,12 +97,12 @@ def run_array_job(cfg_dict: dict) -> dict:
 
 def run_slurm(spec: SweepSpec, runs: list[SweepRun], dry_run: bool = False, log=print):
     """The runs that are not done, as one job array (`launch.array_parallelism` at a time)."""
-    from ..launch.submit import make_executor, map_array, render_script, submit_to_slurm, tasks_per_node
+    from ..launch.submit import make_executor, map_array, render_script, submit_to_slurm
 
     todo = [r for r in runs if run_state(r)["state"] != "done"]
     launch = spec.run.launch
     folder = Path(launch.folder) if launch.folder else Path(spec.out_dir) / "slurm"
-    executor = make_executor(launch, folder, launch.job_name or f"sweep-{spec.name}", tasks_per_node(launch),
+    executor = make_executor(launch, folder, launch.job_name or f"sweep-{spec.name}", launch.ranks_per_node,
                              dry_run=dry_run)
     if dry_run:
         if hasattr(executor, "parameters"):

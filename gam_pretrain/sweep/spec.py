@@ -32,7 +32,7 @@ from .ladder import FAMILIES, Rung, measure, rung_config
 
 @dataclass
 class LrRule:
-    rule: Literal["constant", "scaled", "grid"] = "scaled"
+    rule: Literal["constant", "scaled", "grid"] = "scaled"  # how each run's lr is chosen
     value: float = 3e-4  # constant: the lr; scaled: the lr at base_width
     base_width: int = 512  # scaled: lr = value * base_width / width
     grid: list[float] = field(default_factory=list)  # grid: every run at every lr (the best per point is fitted)
@@ -40,15 +40,15 @@ class LrRule:
 
 @dataclass
 class SweepSpec:
-    name: str = "sweep"
+    name: str = "sweep"  # names the output folder and the job array
     base: str = ""  # a run config YAML (relative to the spec file) under the `run` section
     run: RunConfig = field(default_factory=RunConfig)
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256])
-    tokens: list[float] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))  # model families (ladder.py)
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # ladder rungs by width
+    tokens: list[float] = field(default_factory=list)  # token budgets per run (or flops, not both)
+    flops: list[float] = field(default_factory=list)  # isoFLOP budgets: each rung trains C / (FLOPs per token) tokens
     lr: LrRule = field(default_factory=LrRule)
-    seeds: list[int] = field(default_factory=lambda: [1337])
+    seeds: list[int] = field(default_factory=lambda: [1337])  # every point once per seed
     out_dir: str = ""  # default: runs/sweeps/<name>
     checkpoints_per_run: int = 4  # a checkpoint every 1/k of a run's steps (for resuming)
     warmup_fraction: float = 0.1  # warm-up = min(run.optim.warmup_steps, this fraction of the run)
@@ -124,8 +124,7 @@ def learning_rates(spec: SweepSpec, width: int) -> list[float]:
 
 
 def world_size(cfg: RunConfig) -> int:
-    launch = cfg.launch
-    return launch.nodes * (launch.tasks_per_node or max(launch.gpus_per_node, 1)) if cfg.engine.kind != "single" else 1
+    return cfg.launch.world_size if cfg.engine.kind != "single" else 1
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
@@ -136,7 +135,7 @@ def content_hash(cfg: RunConfig) -> str:
     """Everything that shapes the result; not where it is written, how it is logged or launched."""
     key = to_dict(cfg)
     for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device"),
-                           "data": ("cache_dir", "prep_workers", "num_workers")}.items():
+                           "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers")}.items():
         for name in names:
             key[section].pop(name, None)
     for section in ("launch", "logging", "checkpoint"):

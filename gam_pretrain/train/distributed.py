@@ -30,15 +30,30 @@ def first_slurm_host(nodelist: str) -> str:
         return nodelist.split(",")[0].split("[")[0]  # "node[01-04]" -> "node": good enough for single hosts
 
 
+def rendezvous_port(job_id: str | int) -> int:
+    """The default MASTER_PORT of a SLURM job: every rank derives the same one from the job id, and
+    jobs sharing a node rarely collide (an exported MASTER_PORT wins). Array ids ("123_4") count
+    their digits."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def set_rank_environment(rank: int, world_size: int, local_rank: int, master_addr: str, job_id: str | int) -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK for this process, MASTER_ADDR/PORT unless already exported."""
+    env = os.environ
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world_size), str(local_rank)
+    env.setdefault("MASTER_ADDR", master_addr)
+    env.setdefault("MASTER_PORT", str(rendezvous_port(job_id)))
+
+
 def env_dist_info() -> DistInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+        set_rank_environment(info.rank, info.world_size, info.local_rank,
+                             first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), env.get("SLURM_JOB_ID", "0"))
         return info
     return DistInfo()
 

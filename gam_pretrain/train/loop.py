@@ -17,18 +17,18 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from ..accel import apply_accel
 from ..config import RunConfig, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
 from ..data.cache import open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, barrier, init_distributed
 from .engines import Engine, build_engine, model_state_bytes
 from .metrics import MetricsLogger
 from .perf import peak_flops
 from .preemption import Preempted, PreemptionFlag
-from .schedule import lr_at
 
 
 @dataclass
@@ -130,10 +130,10 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     model = build_model(cfg.model)
     n_params = model.num_parameters()
     flops_per_token = model.flops_per_token(cfg.model.block_size)
+    model = apply_accel(model, cfg.train.accel, device)
     engine = build_engine(cfg, model, device, dist)
     t = cfg.train
-    micro_batch = t.batch_size // t.grad_accum
-    loader = ShardLoader(data, "train", micro_batch, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
+    loader = ShardLoader(data, "train", t.micro_batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers)
     steps_per_epoch = loader.batches_per_epoch / t.grad_accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -174,7 +174,8 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                                cfg.checkpoint.keep_every)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(engine.eval_model(), data, "validation", micro_batch, device, engine.autocast, t.eval_batches)
+        result = evaluate(engine.eval_model(), data, "validation", t.micro_batch_size, device, engine.autocast,
+                          t.eval_batches)
         metrics.log({"step": step, **result})
         return result
 
@@ -190,13 +191,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     try:
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            engine.set_lr(lr_at(step, total_steps, cfg.optim))
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
-                inputs, targets = loader.next_batch()
-                loss_sum += engine.forward_backward(inputs, targets, 1.0 / t.grad_accum)
-            grad_norm = engine.optimizer_step()
-            loss = float(all_reduce_mean(loss_sum / t.grad_accum))
+            batches = [loader.next_batch() for _ in range(t.grad_accum)]
+            step_result = engine.train_step(batches, step, total_steps)
+            loss = step_result.loss
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
             train_seconds += time.perf_counter() - step_start
@@ -206,9 +203,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             if done % t.log_interval == 0 or done == total_steps:
                 tps = window_tokens / (time.perf_counter() - window_start)
                 mem = gather_floats(memory_mb(device), device, dist)
-                metrics.log({"step": done, "loss": loss, "lr": lr_at(step, total_steps, cfg.optim),
-                             "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
-                             "epoch": loader.epoch_progress, "tokens": done * tokens_per_step, "memory_mb": mem})
+                metrics.log({"step": done, "loss": loss, "lr": step_result.lr, "grad_norm": step_result.grad_norm,
+                             "tokens_per_s": tps, "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
+                             "tokens": done * tokens_per_step, "memory_mb": mem})
                 window_tokens, window_start = 0, time.perf_counter()
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")

@@ -1,24 +1,40 @@
-"""Engines: how one training step runs on the hardware. The loop only talks to this interface.
+"""Engines: how one optimizer step runs on the hardware. The loop only talks to this interface.
 
-    engine.set_lr(lr)                                            # once per optimizer step, first
-    loss = engine.forward_backward(inputs, targets, loss_scale)   # once per micro-batch
-    grad_norm = engine.optimizer_step()                          # once per optimizer step, last
-    engine.save(directory) / engine.load(directory)             # collective: every rank calls them
-    engine.full_state_dict()                                     # whole fp32 weights (rank 0 gets them)
-    engine.model                                                 # the module the forward runs through
+    result = engine.train_step(batches, step, total_steps)  # one optimizer step over its micro-batches
+    result.loss, result.grad_norm, result.lr                  # mean loss over micro-batches and ranks
+    engine.save(directory) / engine.load(directory)           # collective: every rank calls them
+    engine.full_state_dict()                                   # whole fp32 weights (rank 0 gets them)
+    engine.eval_model() / engine.autocast                      # what evaluation runs through
 
-Engines: single (CPU or one GPU), ddp, deepspeed (ZeRO 0-3), fsdp2. Built by `build_engine`.
+Engines: single (CPU or one GPU), ddp, deepspeed (ZeRO 0-3), fsdp2. Built by `build_engine`; each
+takes (model, cfg, device, dist). `Engine.train_step` is shared; subclasses override the pieces that
+differ: wrapping in their constructor, `gradient_sync`, `forward_backward`, `clip_gradients`,
+`optimizer_step`, and checkpointing.
 """
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..distributed import DistInfo
+from ...config import RunConfig
+from ..distributed import DistInfo, all_reduce_mean
+from ..optim import build_adamw, clip_grad_norm
+from ..perf import tune_cpu_allocator
+from ..schedule import lr_at
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one micro-batch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean over the step's micro-batches and all ranks
+    grad_norm: float  # global gradient norm before clipping
+    lr: float
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -79,29 +95,72 @@ def model_state_bytes(engine: "Engine") -> int:
 
 
 class Engine(ABC):
+    """Owns one optimizer step: learning rate, the micro-batches' forward and backward (gradients
+    synchronized on the last one only), clipping, the optimizer step, and the loss across ranks.
+
+    A subclass constructor calls `super().__init__` (device placement, activation checkpointing),
+    then wraps `self.module` and sets `self.model` (what the forward runs through) and `self.optimizer`.
+    """
+
     model: nn.Module
     optimizer: torch.optim.Optimizer  # DeepSpeed's wrapper for the deepspeed engine
-    device: torch.device
-    dist: DistInfo
 
-    @property
-    def rank(self) -> int:
-        return self.dist.rank
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, dist: DistInfo):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        if device.type == "cpu":
+            tune_cpu_allocator()
+        self.module = model.to(device)
+        if cfg.engine.activation_checkpointing:
+            apply_activation_checkpointing(self.module)
 
-    @property
-    def world_size(self) -> int:
-        return self.dist.world_size
+    def build_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
+        return build_adamw(self.module, self.cfg.optim, fused=fused)
 
-    @abstractmethod
-    def set_lr(self, lr: float) -> None: ...
+    def train_step(self, batches: list[Batch], step: int, total_steps: int) -> StepResult:
+        """One optimizer step (0-based `step` of `total_steps`) over this rank's micro-batches."""
+        lr = lr_at(step, total_steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_scale = 1.0 / len(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(batches):
+            last = i == len(batches) - 1
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            with self.gradient_sync(last):
+                loss_sum += self.forward_backward(inputs, targets, loss_scale)
+        grad_norm = self.optimizer_step()
+        loss = float(all_reduce_mean(loss_sum / len(batches)))
+        return StepResult(loss, grad_norm, lr)
 
-    @abstractmethod
+    def gradient_sync(self, enabled: bool):
+        """Context for one micro-batch: synchronize gradients across ranks in its backward or not."""
+        return contextlib.nullcontext()
+
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns this rank's unscaled loss (detached)."""
+        """Forward + backward of one micro-batch; returns its unscaled loss (detached, fp32)."""
+        with self.autocast():
+            _, loss = self.model(inputs, targets, return_logits=False)
+        (loss * loss_scale).backward()
+        return loss.detach().float()
 
-    @abstractmethod
     def optimizer_step(self) -> float:
         """Clip, step, zero grads; returns the global gradient norm before clipping."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = self.clip_gradients(clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Scale gradients to a global norm of at most max_norm; returns the norm before."""
+        return float(clip_grad_norm(self.module.parameters(), max_norm))
+
+    def autocast(self):
+        return autocast_for(self.device, self.cfg.train.precision)()
+
+    def eval_model(self) -> nn.Module:
+        """The module to evaluate through (same forward as training, no grad)."""
+        return self.model
 
     @abstractmethod
     def save(self, directory: Path) -> None: ...
@@ -112,10 +171,3 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights as plain CPU tensors (complete on rank 0; collective)."""
-
-    def autocast(self):
-        return self._autocast()
-
-    def eval_model(self) -> nn.Module:
-        """The module to evaluate through (same forward as training, no grad)."""
-        return self.model

@@ -14,13 +14,6 @@ class DDPEngine(SingleEngine):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 
-    def forward_backward(self, inputs, targets, loss_scale):
-        self._micro = getattr(self, "_micro", 0) + 1
-        # all-reduce only on the last micro-batch of an accumulation (loss_scale = 1 / accumulation)
-        last = self._micro >= round(1 / loss_scale)
-        context = contextlib.nullcontext() if last else self.model.no_sync()
-        with context:
-            loss = super().forward_backward(inputs, targets, loss_scale)
-        if last:
-            self._micro = 0
-        return loss
+    def gradient_sync(self, enabled: bool):
+        # gradients of the other micro-batches accumulate locally; the last one's backward all-reduces the sum
+        return contextlib.nullcontext() if enabled else self.model.no_sync()

@@ -3,6 +3,7 @@ state are sharded across ranks (DTensors). Checkpoints are torch.distributed.che
 folders: sharded on disk, loadable at another world size."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,50 +14,32 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ...config import EngineConfig, OptimConfig
+from ...config import RunConfig
 from ..distributed import DistInfo
-from ..optim import build_adamw
-from .base import Engine, apply_activation_checkpointing, autocast_for, uses_bf16
+from .base import Engine, uses_bf16
 
 DCP_DIR = "dcp"
 
 
 class FSDP2Engine(Engine):
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, device: torch.device, precision: str,
-                 compile: bool, engine_cfg: EngineConfig, dist: DistInfo):
-        self.device, self.dist, self.optim_cfg = device, dist, optim_cfg
-        model = model.to(device)
-        if engine_cfg.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        bf16 = uses_bf16(device, precision)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kwargs = {"mp_policy": policy} if policy else {}
-        for block in model.blocks:
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, dist: DistInfo):
+        super().__init__(model, cfg, device, dist)
+        kwargs = {}
+        if uses_bf16(device, cfg.train.precision):
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in self.module.blocks:
             fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
-        self.model = model
-        self.optimizer = build_adamw(model, optim_cfg)
-        # the policy already casts parameters to bf16; autocast would only add casts
-        self._autocast = autocast_for(device, "fp32" if bf16 else precision)
-        self._forward = torch.compile(model) if compile else model
+        fully_shard(self.module, **kwargs)
+        self.model = self.module
+        self.optimizer = self.build_optimizer()
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def autocast(self):
+        # in bf16 the policy already casts the parameters; autocast would only add casts
+        return contextlib.nullcontext()
 
-    def forward_backward(self, inputs, targets, loss_scale):
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        with self._autocast():
-            _, loss = self._forward(inputs, targets, return_logits=False)
-        (loss * loss_scale).backward()
-        return loss.detach().float()
-
-    def optimizer_step(self) -> float:
-        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    def clip_gradients(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor across ranks
 
     def save(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

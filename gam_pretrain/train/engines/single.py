@@ -6,52 +6,24 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ...config import EngineConfig, OptimConfig
+from ...config import RunConfig
 from ..distributed import DistInfo
-from ..optim import build_adamw, clip_grad_norm
-from ..perf import tune_cpu_allocator
-from .base import Engine, apply_activation_checkpointing, autocast_for
+from .base import Engine
 
 WEIGHTS = "model_optim.pt"
 
 
 class SingleEngine(Engine):
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, device: torch.device, precision: str = "auto",
-                 compile: bool = False, engine_cfg: EngineConfig | None = None, dist: DistInfo | None = None):
-        self.device, self.dist, self.optim_cfg = device, dist or DistInfo(), optim_cfg
-        if device.type == "cpu":
-            tune_cpu_allocator()
-        self.module = model.to(device)
-        if engine_cfg is not None and engine_cfg.activation_checkpointing:
-            apply_activation_checkpointing(self.module)
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, dist: DistInfo | None = None):
+        super().__init__(model, cfg, device, dist or DistInfo())
         self.model = self._wrap(self.module)
-        self.optimizer = build_adamw(self.module, optim_cfg, fused=self.dist.world_size == 1)
-        self._autocast = autocast_for(device, precision)
-        self._forward = torch.compile(self.model) if compile else self.model
+        self.optimizer = self.build_optimizer(fused=self.dist.world_size == 1)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         return module
 
     def eval_model(self) -> nn.Module:
         return self.module
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def forward_backward(self, inputs, targets, loss_scale):
-        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-        with self._autocast():
-            _, loss = self._forward(inputs, targets, return_logits=False)
-        (loss * loss_scale).backward()
-        return loss.detach()
-
-    def optimizer_step(self) -> float:
-        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.module.parameters(), clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
 
     def save(self, directory: Path) -> None:
         if self.dist.is_main:  # the weights and optimizer state are identical on every rank

@@ -6,16 +6,16 @@ torch AdamW passed in by us (DeepSpeed's fused CPU/GPU Adam need a C++ build at 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ...config import EngineConfig, OptimConfig
+from ...config import RunConfig
 from ..distributed import DistInfo
-from ..optim import build_adamw
-from .base import Engine, apply_activation_checkpointing, autocast_for, uses_bf16
+from .base import Batch, Engine, StepResult, uses_bf16
 
 TAG = "deepspeed"
 
@@ -27,27 +27,27 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int,
-                     world_size: int, bf16: bool) -> dict:
-    zero = {"stage": engine_cfg.zero_stage}
-    if engine_cfg.zero_stage == 3:
+def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
+    stage, t = cfg.engine.zero_stage, cfg.train
+    zero = {"stage": stage}
+    if stage == 3:
         zero["memory_efficient_linear"] = False  # else it patches F.linear for the whole process
-    if engine_cfg.offload_optimizer:
+    if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if engine_cfg.offload_params:
+    if cfg.engine.offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch * grad_accum * world_size,
-        "gradient_clipping": optim_cfg.grad_clip,
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
     }
-    if engine_cfg.deepspeed_extra:
-        cfg = deep_merge(cfg, json.loads(engine_cfg.deepspeed_extra))
-    return cfg
+    if cfg.engine.deepspeed_extra:
+        ds = deep_merge(ds, json.loads(cfg.engine.deepspeed_extra))
+    return ds
 
 
 def share_fp32_master_partitions(optimizer) -> int:
@@ -73,8 +73,10 @@ def share_fp32_master_partitions(optimizer) -> int:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, device: torch.device, precision: str,
-                 compile: bool, engine_cfg: EngineConfig, dist: DistInfo, micro_batch: int, grad_accum: int):
+    """DeepSpeed runs backward and step() on every micro-batch itself: it scales the loss by
+    1 / gradient_accumulation_steps, reduces gradients and clips and steps on the boundary."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, dist: DistInfo):
         import deepspeed
 
         if device.type == "cpu":
@@ -84,38 +86,40 @@ class DeepSpeedEngine(Engine):
             # importlib, not `import deepspeed.comm.torch as m`: that form resolves to the torch
             # package that deepspeed.comm re-exports under the same name.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        self.device, self.dist = device, dist
-        model = model.to(device)
-        if engine_cfg.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        bf16 = uses_bf16(device, precision)
-        self.config = deepspeed_config(engine_cfg, optim_cfg, micro_batch, grad_accum, dist.world_size, bf16)
-        optimizer = build_adamw(model, optim_cfg)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
-        if engine_cfg.zero_stage == 3 and not (engine_cfg.offload_optimizer or engine_cfg.offload_params):
+        super().__init__(model, cfg, device, dist)
+        self.config = deepspeed_config(cfg, dist.world_size, uses_bf16(device, cfg.train.precision))
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=self.build_optimizer(),
+                                                                config=self.config)
+        offload = cfg.engine.offload_optimizer or cfg.engine.offload_params
+        if cfg.engine.zero_stage == 3 and not offload:
             share_fp32_master_partitions(self.optimizer)
-        if compile:
-            self.model.compile()
-        self._autocast = autocast_for(device, "fp32")  # DeepSpeed's bf16 mode casts the model itself
-        self._grad_norm = 0.0
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def train_step(self, batches: list[Batch], step: int, total_steps: int) -> StepResult:
+        # DeepSpeed scales every micro-batch's loss by 1 / gradient_accumulation_steps from its config
+        if len(batches) != self.config["gradient_accumulation_steps"]:
+            raise ValueError(f"DeepSpeed was configured for {self.config['gradient_accumulation_steps']} micro-batches "
+                             f"per step (train.grad_accum) and got {len(batches)}")
+        return super().train_step(batches, step, total_steps)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed's bf16 mode casts the model itself
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool):
+        # the boundary micro-batch reduces gradients and steps: ours, not DeepSpeed's micro-step counter
+        self.model.set_gradient_accumulation_boundary(enabled)
+        yield
 
     def forward_backward(self, inputs, targets, loss_scale):
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
         _, loss = self.model(inputs, targets, return_logits=False)
-        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-        boundary = self.model.is_gradient_accumulation_boundary()
-        self.model.step()  # a real optimizer step only at the accumulation boundary
-        if boundary:
-            norm = self.model.get_global_grad_norm()
-            self._grad_norm = float(norm) if norm is not None else float("nan")
+        self.model.backward(loss)  # scaled by DeepSpeed (see train_step), not by loss_scale
+        self.model.step()  # clips and steps on the boundary micro-batch only
         return loss.detach().float()
 
     def optimizer_step(self) -> float:
-        return self._grad_norm
+        # DeepSpeed already stepped inside the last micro-batch's `step()`; report the norm it clipped with
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     def save(self, directory: Path) -> None:
         self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
@@ -134,6 +138,3 @@ class DeepSpeedEngine(Engine):
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in self.model.module.state_dict().items()}
         return {k: v.detach().float().cpu() for k, v in self.model.module.state_dict().items()}
-
-    def eval_model(self) -> nn.Module:
-        return self.model

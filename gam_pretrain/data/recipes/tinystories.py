@@ -1,6 +1,6 @@
 """TinyStories, capped as in the paper: 50,000 train and 5,000 validation stories."""
-from gam_pretrain.data.prep import PrepConfig
-from gam_pretrain.data.sources import SourceSpec
+from ..prep import PrepConfig
+from ..sources import SourceSpec
 
 RECIPE = PrepConfig(
     source=SourceSpec(kind="hf", path="roneneldan/TinyStories", splits={"train": "train", "validation": "validation"},

@@ -1,8 +1,9 @@
-"""A direct transcription of the paper's GAM equations, written the plain way a paper's code is.
+"""A direct transcription of the paper's GAM code (arXiv 2509.00605), written the plain way a
+paper's code is, independently of gam_pretrain/models/gam.py.
 
-Used as the yardstick in tests (our GAM must compute the same function) and in
-tools/bench_models.py (our training step must be faster than this one). Parameter names match
-gam.GAM, so a state dict moves between the two.
+The tests' yardstick: our GAM must compute the same function, dropout included (the same
+nn.Dropout calls in the same order, so the same masks for the same seed). Parameter names match
+gam_pretrain.models.gam.GAM, so a state dict moves between the two.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import ModelConfig
+from gam_pretrain.models import ModelConfig
 
 
 class PaperGAMBlock(nn.Module):

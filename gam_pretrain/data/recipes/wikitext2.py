@@ -5,8 +5,8 @@ are concatenated (each row is one "document" followed by <eos>, so line breaks b
 tokens) and the token stream is cut into blocks. The paper trained its 10k BPE on all splits;
 here it sees only the train split.
 """
-from gam_pretrain.data.prep import PrepConfig
-from gam_pretrain.data.sources import SourceSpec
+from ..prep import PrepConfig
+from ..sources import SourceSpec
 
 RECIPE = PrepConfig(
     source=SourceSpec(kind="hf", path="wikitext", name="wikitext-2-raw-v1",

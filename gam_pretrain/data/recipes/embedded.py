@@ -1,6 +1,6 @@
 """The embedded Shakespeare corpus (gam_pretrain/corpus/PROVENANCE.md): works/plays as documents."""
-from gam_pretrain.data.prep import PrepConfig
-from gam_pretrain.data.sources import SourceSpec
+from ..prep import PrepConfig
+from ..sources import SourceSpec
 
 RECIPE = PrepConfig(
     source=SourceSpec(kind="embedded"),

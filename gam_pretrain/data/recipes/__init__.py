@@ -1,13 +1,14 @@
 """Corpus recipes: one module per corpus, each defining RECIPE, a gam_pretrain.data.prep.PrepConfig.
 
-    gam-pretrain prep wikitext2 --out data/wikitext2 --workers 8
+    gam-pretrain prep wikitext2 --out data/wikitext2 --workers 8 --prep.vocab_size 8000
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 
-from gam_pretrain.data.prep import PrepConfig
+from ..prep import PrepConfig
 
 
 def recipe_names() -> list[str]:
@@ -15,6 +16,7 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name: str) -> PrepConfig:
+    """A fresh copy of the recipe's PrepConfig (callers may change it)."""
     if name not in recipe_names():
         raise ValueError(f"unknown data recipe {name!r}; recipes: {', '.join(recipe_names())}")
-    return importlib.import_module(f"{__name__}.{name}").RECIPE
+    return copy.deepcopy(importlib.import_module(f"{__name__}.{name}").RECIPE)

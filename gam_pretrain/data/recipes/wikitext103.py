@@ -1,7 +1,7 @@
 """WikiText-103 (raw): same handling as wikitext2, 50x larger."""
 import dataclasses
 
-from gam_pretrain.data.sources import SourceSpec
+from ..sources import SourceSpec
 
 from .wikitext2 import RECIPE as _WT2
 
