@@ -4,15 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import (
     ConfigError, LaunchPrepCommand, PrepCommand, RunConfig, apply_overrides, format_key_table, load_config,
-    load_prep_command, parse_overrides, resolved_yaml, set_value, validate,
+    load_prep_command, parse_overrides, read_value, resolved_yaml, set_value, validate,
 )
 from .data.prep import PrepError
 from .data.recipes import recipe_names
@@ -85,7 +84,7 @@ def model_config(overrides: list[str]) -> ModelConfig:
     """`models` and `ladder` take model keys, with or without the `model.` prefix."""
     base = ModelConfig()
     for key, value in parse_overrides(overrides):
-        set_value(base, key.removeprefix("model."), yaml.safe_load(value) if value != "" else "", source="command line")
+        set_value(base, key.removeprefix("model."), read_value(value), source="command line")
     return base
 
 
@@ -177,7 +176,8 @@ def cmd_sweep(args, overrides):
     if args.list:
         for run in runs:
             print(f"{run.index}\t{run.config.train.run_name}")
-        print(f"# {len(runs)} runs: sbatch --array=0-{len(runs) - 1} slurm/sweep_array.sbatch {args.spec}", file=sys.stderr)
+        command = shlex.join(["sbatch", f"--array=0-{len(runs) - 1}", "slurm/sweep_array.sbatch", args.spec, *overrides])
+        print(f"# {len(runs)} runs: {command}", file=sys.stderr)
         return
     if args.status:
         print(format_status(spec, runs))
@@ -213,6 +213,8 @@ def cmd_fit(args, overrides):
     if target.is_file():
         spec, _ = _sweep(target, overrides)
         sweep_dir = Path(spec.out_dir)
+    elif overrides:
+        raise ConfigError(f"spec keys ({' '.join(overrides)}) need a sweep spec file, not the folder {target}")
     else:
         sweep_dir = target
     try:
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="job state, step, tokens, checkpoint, speed, ETA and requeues of a run")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, takes_keys=False)
     p = sub.add_parser("ladder", help="model-size ladders: per family and width, the layers, heads, parameters and FLOPs")
     p.add_argument("--family", choices=["gam", "transformer", "mamba"])
     p.add_argument("--widths", help="comma-separated widths (default: the whole ladder)")
@@ -380,17 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_paper)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, takes_keys=False)
     p = sub.add_parser("export", help="a checkpoint (any engine) -> model.safetensors + config.json + tokenizer")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, takes_keys=False)
     p = sub.add_parser("eval", help="validation loss / perplexity of an export")
     p.add_argument("export")
     p.add_argument("--data", help="shard folder (default: the one it was trained on)")
     p.add_argument("--split", default="validation")
     p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, takes_keys=False)
     p = sub.add_parser("generate", help="sample text from an export")
     p.add_argument("export")
     p.add_argument("--prompt", default="\n")
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, takes_keys=False)
     p = sub.add_parser("models", help="list registered models with parameter counts and FLOPs per token")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
@@ -409,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
+        if overrides and not getattr(args, "takes_keys", True):
+            raise ConfigError(f"gam-pretrain {args.command} takes no config keys; unknown arguments: "
+                              f"{' '.join(overrides)} (see gam-pretrain {args.command} --help)")
         args.func(args, overrides)
     except ConfigError as e:
         print(f"gam-pretrain: config error: {e}", file=sys.stderr)

@@ -57,7 +57,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # sequences per optimizer step (per process), split into grad_accum micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step (gradients summed before the step)
+    grad_accum: int = 1  # micro-batches per optimizer step (their gradients averaged before the step)
     epochs: float = 5.0  # used when max_steps is 0
     max_steps: int = 0  # optimizer steps of the whole run (0: from epochs); the schedule spans them
     stop_at_step: int = 0  # end this launch after that step with a checkpoint; the schedule still spans max_steps
@@ -67,8 +67,7 @@ class TrainConfig:
     seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    # fast path applied to the plain model from outside (gam_pretrain/accel); auto: the fastest measured one here
-    accel: Literal["auto", "none", "compile"] = "auto"  # fast path applied to the plain model (gam_pretrain/accel); auto: compile on CUDA, none on CPU
+    accel: Literal["auto", "none", "compile"] = "auto"  # fast path applied from outside the model (gam_pretrain/accel); auto: the fastest measured (none so far)
     out_dir: str = "runs"  # parent folder of run directories
     run_name: str = ""  # default: <arch>-<timestamp>
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
@@ -151,6 +150,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens one optimizer step trains on, over all `world_size` ranks."""
+        return self.train.batch_size * world_size * self.model.block_size
+
 
 @dataclass
 class PrepCommand:
@@ -225,8 +228,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Dotted command-line overrides onto any config dataclass; values are read as YAML."""
     for key, value in parse_overrides(overrides):
-        set_value(cfg, key, yaml.safe_load(value) if value != "" else "", source="command line")
+        set_value(cfg, key, read_value(value), source="command line")
     return cfg
+
+
+def read_value(text: str) -> Any:
+    """A command-line value as YAML (7, 1e-3, true, [a, b], {train: x}); text that is not valid
+    YAML (a glob like *.txt, a brace pattern) stays the text it is."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -404,6 +418,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"({cfg.train.grad_accum})")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.arch == "mamba" and cfg.model.scan == "cuda" and (
+            importlib.util.find_spec("mamba_ssm") is None or cfg.train.device.startswith("cpu")):
+        raise ConfigError("'model.scan' cuda needs a CUDA device and mamba-ssm (pip install 'gam-pretrain[gpu]'); "
+                          "choose auto or torch")
     if cfg.engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("'engine.kind' deepspeed needs DeepSpeed: pip install 'gam-pretrain[deepspeed]' "
                           "(or choose ddp or fsdp2, which need only torch)")

@@ -63,11 +63,9 @@ def test_scan_swap_matches_the_plain_model_with_dropout(stack):
 
 
 def test_auto_and_the_checks_of_each_kind():
-    gam, mamba = build_model(tiny_model_config(arch="gam")), build_model(tiny_model_config(arch="mamba"))
-    cuda = torch.device("cuda")  # resolve reads only the device type: no GPU needed
-    assert resolve("auto", gam, cuda) == "compile"
-    assert resolve("auto", mamba, cuda) == "none"
-    assert resolve("auto", gam, CPU) == resolve("auto", mamba, CPU) == "none"
+    gam = build_model(tiny_model_config(arch="gam"))
+    assert resolve("auto") == "none"  # measured: regional compile is slower on CPU; unmeasured on GPUs
+    assert resolve("compile") == "compile"
     with pytest.raises(ValueError, match="unknown train.accel 'cpu-kernels'"):
         apply_accel(gam, "cpu-kernels", CPU)
     assert apply_accel(gam, "auto", CPU) is gam and not any(b._compiled_call_impl for b in gam.blocks)

@@ -104,3 +104,14 @@ def test_ddp_all_reduces_on_the_last_micro_batch_only(tmp_path):
         assert reduced == [0]  # one bucket (a tiny model), all-reduced once: in the last backward
     finally:
         tdist.destroy_process_group()
+
+
+def test_first_host_of_a_node_list_without_scontrol(monkeypatch):
+    from gam_pretrain.train import distributed
+
+    def no_scontrol(*args, **kwargs):
+        raise OSError("scontrol: not found")
+
+    monkeypatch.setattr(distributed.subprocess, "run", no_scontrol)
+    cases = {"gpu[07-10,12],cpu1": "gpu07", "node[01-04]": "node01", "a,b": "a", "single": "single"}
+    assert {nodes: distributed.first_slurm_host(nodes) for nodes in cases} == cases

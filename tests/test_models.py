@@ -48,7 +48,7 @@ def test_tied_head_shares_the_embedding():
 
 
 def test_loss_paths_agree():
-    """return_logits=False (the trainer's path, through model.head_loss) is the same loss as the logits
+    """return_logits=False (the trainer's path, which keeps no logits) is the same loss as the logits
     path, ignored targets (-100) included."""
     torch.manual_seed(0)
     model = build_model(tiny_model_config(arch="gam"))

@@ -4,6 +4,7 @@ exactly, a prep job array, SLURM's refusals, quoting. Plus the parts that need n
 sbatch scripts (--dry-run), the local cluster, and the error without SLURM."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -148,6 +149,7 @@ def test_sbatch_template_trains_and_keeps_arguments_as_text(slurm_cluster, prepa
 
 
 @pytest.mark.slurm
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
 def test_launch_two_nodes_zero2_ranks_agree(slurm_cluster, prepared_small, tmp_path):
     cfg = tiny_config(tmp_path, prepared_small.path, run_name="zero2")
     out = cli("launch", "train", "--config", cfg, "--engine.kind", "deepspeed", "--engine.zero_stage", "2",

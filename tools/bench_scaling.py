@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gam_pretrain.accel import apply_accel
 from gam_pretrain.models import ModelConfig, build_model
 
 MODELS = {
@@ -42,7 +43,7 @@ MODELS = {
 def make_block(name: str, width: int, heads: int, device: torch.device) -> torch.nn.Module:
     cfg = ModelConfig(d_model=width, n_layers=1, n_heads=heads, dropout=0.0, block_size=16384, **MODELS[name])
     torch.manual_seed(0)
-    return build_model(cfg).blocks[0].to(device)
+    return apply_accel(build_model(cfg), "none", device).blocks[0].to(device)  # the scan model.scan picks
 
 
 def saved_tensor_bytes(block, x) -> int:

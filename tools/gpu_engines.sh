@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The bf16 path of every engine on one GPU (torchrun, 1 rank, nccl), for a lent GPU machine.
+# The bf16 path of every engine on one GPU (torchrun, 1 rank, nccl), for a lent GPU machine. With one
+# rank, engine.kind=ddp runs as the single engine (DDP of one process is that engine).
 # Needs deepspeed and its pure-Python deps as wheels in .whl/ (see the device tool's notes).
 set -uo pipefail
 OUT=${OUT:-gpu_results}

@@ -4,13 +4,14 @@
 
 runs right after the model is built and before an engine wraps it. Kinds (`train.accel`):
 
-  none     the plain model.
+  none     the model as built (no compile).
   compile  regional torch.compile: each `model.blocks[i]` compiled in place (parameter names and
            the state dict unchanged); the Mamba scan is left out of the compiled regions.
-  auto     what measured fastest on the device (see `resolve`).
+  auto     what measured fastest (see `resolve`).
 
 Whatever the kind, Mamba mixers get the scan `model.scan` asks for (scan.py): mamba-ssm's CUDA
-kernel or a PyTorch loop with a hand-written backward, in place of the plain autograd loop.
+kernel or a PyTorch loop with a hand-written backward, in place of the model file's autograd loop
+(the same function; tests/test_accel.py).
 
 There is no CPU kernel path any more: fused C++ kernels for the fp32 CPU step (LayerNorm, bias +
 GELU, bias + dropout + residual, GAM's gated mix, the causal conv, the tied head + cross-entropy)
@@ -28,29 +29,26 @@ from .scan import scan_for
 KINDS = ("auto", "none", "compile")
 
 
-def resolve(kind: str, model: nn.Module, device: torch.device) -> str:
-    """The kind `auto` stands for on this device; other kinds are returned as they are, once checked.
+def resolve(kind: str) -> str:
+    """The kind `auto` stands for; other kinds are returned as they are, once checked.
 
-    auto, from tools/bench_models.py at the paper config (results/bench_models_*.json):
-    - CPU: `none`. Regional compile measured 0.88x-0.97x the plain fp32 step on a 2-core CPU
-      (the step is matmul-bound; inductor's fused elementwise code does not pay for its overhead).
-    - CUDA: `compile`. torch.compile of GAM ran the bf16 step 1.36x faster than the plain model on
-      an H200 (results/bench_models_h200.json). Except for Mamba: its step is the scan, which
-      compile leaves out, so `none` spares the compile time.
+    auto is `none` everywhere, from tools/bench_models.py at the paper config:
+    - CPU: regional compile measured 0.91x-0.95x the plain fp32 step on 2 cores
+      (results/bench_models_cpu.json): the step is matmul-bound.
+    - CUDA: not measured yet. Whole-model compile of an older GAM ran the bf16 step 1.36x faster on
+      an H200 (results/bench_models_h200.json), but regional compile under every engine (DeepSpeed
+      ZeRO-3's parameter hooks inside compiled regions included) has not run on a GPU; until it
+      has, `compile` is an explicit choice. Mamba's step is its scan, which compile leaves out.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown train.accel {kind!r}; choose one of {list(KINDS)}")
-    if kind != "auto":
-        return kind
-    if device.type == "cuda" and not any(isinstance(m, SelectiveScan) for m in model.modules()):
-        return "compile"
-    return "none"
+    return "none" if kind == "auto" else kind
 
 
 def apply_accel(model: nn.Module, kind: str, device: torch.device) -> nn.Module:
     """`model` with the fast path `kind` applied (in place), and the Mamba scan `model.scan` picks."""
     device = torch.device(device)
-    kind = resolve(kind, model, device)
+    kind = resolve(kind)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, SelectiveScan):

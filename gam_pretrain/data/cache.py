@@ -52,6 +52,19 @@ def prep_command(recipe: str, prep_cfg: PrepConfig, out: Path) -> str:
     return " ".join(["gam-pretrain prep", recipe, "--out", shlex.quote(str(out)), *changed])
 
 
+def check_data_available(data_cfg, model_cfg) -> None:
+    """Raises DataMissingError, naming the prep command, when the run's recipe is neither prepared
+    nor to be prepped here (data.prep_if_missing). Cheap: every rank can call it."""
+    if data_cfg.dir or data_cfg.prep_if_missing:
+        return
+    prep_cfg, out = recipe_prep(data_cfg, model_cfg)
+    if not (out / "manifest.json").is_file():
+        raise DataMissingError(
+            f"no prepared data for recipe {data_cfg.recipe!r} in {out}; prepare it first with "
+            f"`{prep_command(data_cfg.recipe, prep_cfg, out)}` (or set data.prep_if_missing=true "
+            f"to prep in this process, or data.dir to a prepared folder)")
+
+
 def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
     """data.dir, or the recipe's prep in data.cache_dir. A missing prep runs here only with
     data.prep_if_missing (the quickstart sets it): a cluster job never starts an hours-long prep
@@ -59,13 +72,9 @@ def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
     if data_cfg.dir:
         data = ShardSet(data_cfg.dir)
     else:
+        check_data_available(data_cfg, model_cfg)
         prep_cfg, out = recipe_prep(data_cfg, model_cfg)
         if not (out / "manifest.json").is_file():
-            if not data_cfg.prep_if_missing:
-                raise DataMissingError(
-                    f"no prepared data for recipe {data_cfg.recipe!r} in {out}; prepare it first with "
-                    f"`{prep_command(data_cfg.recipe, prep_cfg, out)}` (or set data.prep_if_missing=true "
-                    f"to prep in this process, or data.dir to a prepared folder)")
             run_prep(prep_cfg, out, workers=data_cfg.prep_workers, log=log, progress=False)
         data = ShardSet(out)
     check_fits(data, model_cfg.vocab_size, model_cfg.block_size)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..accel import apply_accel
 from ..models import ModelConfig, build_model
 
 
@@ -85,7 +86,7 @@ class RecallTask:
 def train_recall(arch_cfg: ModelConfig, task: RecallTask, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
                  seed: int = 0, eval_batches: int = 8, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
-    model = build_model(arch_cfg).to(device)
+    model = apply_accel(build_model(arch_cfg), "none", device).to(device)  # Mamba: the scan model.scan picks
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()

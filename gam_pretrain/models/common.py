@@ -66,14 +66,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
-class TiedHeadLoss(nn.Module):
-    """loss = cross_entropy(x @ W^T, targets) for the tied head W: the trainer's path
-    (return_logits=False). A module of its own so that an accel path can swap in a fused one."""
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(F.linear(x, weight), targets)
-
-
 class LMHeadModel(nn.Module):
     """Token (+ optional learned position) embedding -> family blocks -> final norm -> tied head.
 
@@ -86,7 +78,6 @@ class LMHeadModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if learned_positions else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.head_loss = TiedHeadLoss()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
         """Logits (B, T, V); with targets, (logits, mean cross-entropy), or (None, loss) with
@@ -100,13 +91,10 @@ class LMHeadModel(nn.Module):
         x = self.emb_dropout(x)
         for block in self.blocks:
             x = block(x)
-        x = self.final_norm(x)
-        if targets is not None and not return_logits:
-            return None, self.head_loss(x, self.tok_emb.weight, targets)
-        logits = F.linear(x, self.tok_emb.weight)  # tied head
+        logits = F.linear(self.final_norm(x), self.tok_emb.weight)  # tied head
         if targets is None:
             return logits
-        return logits, cross_entropy(logits, targets)
+        return (logits if return_logits else None), cross_entropy(logits, targets)
 
     def init_weights(self) -> None:
         """GPT-2 style: N(0, init_std) for linear/embedding weights, zero biases.

@@ -128,13 +128,13 @@ def world_size(cfg: RunConfig) -> int:
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
-    return cfg.train.batch_size * cfg.model.block_size * world_size(cfg)
+    return cfg.tokens_per_step(world_size(cfg))
 
 
 def content_hash(cfg: RunConfig) -> str:
     """Everything that shapes the result; not where it is written, how it is logged or launched."""
     key = to_dict(cfg)
-    for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device"),
+    for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device", "accel"),
                            "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers")}.items():
         for name in names:
             key[section].pop(name, None)

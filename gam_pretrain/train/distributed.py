@@ -4,6 +4,7 @@ host of SLURM_JOB_NODELIST). gloo on CPU, nccl on GPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -23,11 +24,13 @@ class DistInfo:
 
 
 def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: scontrol's expansion, else "gpu[07-10,12],cpu1" -> "gpu07"."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]  # "node[01-04]" -> "node": good enough for single hosts
+        match = re.match(r"([^,\[]*)(?:\[([^\],\-]*))?", nodelist)
+        return match.group(1) + (match.group(2) or "")
 
 
 def rendezvous_port(job_id: str | int) -> int:

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from ..accel import apply_accel
 from ..config import RunConfig, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
-from ..data.cache import open_training_data
+from ..data.cache import check_data_available, open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -120,6 +120,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     dist = init_distributed(probe.type)
     device = resolve_device(cfg.train.device, dist)
     say = log if dist.is_main else (lambda *a, **k: None)
+    check_data_available(cfg.data, cfg.model)  # on every rank: none may wait at the barrier for a rank 0 that stopped
     if dist.is_main:
         data = open_training_data(cfg.data, cfg.model, log=say)
     barrier()
@@ -137,7 +138,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                          num_workers=cfg.data.num_workers)
     steps_per_epoch = loader.batches_per_epoch / t.grad_accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    tokens_per_step = t.batch_size * dist.world_size * cfg.model.block_size
+    tokens_per_step = cfg.tokens_per_step(dist.world_size)
 
     run_dir = make_run_dir(cfg, dist)
     fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model), "world_size": dist.world_size,
