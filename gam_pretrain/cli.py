@@ -19,6 +19,7 @@ from .launch.submit import LaunchError
 from .models.common import ModelConfig
 from .paper import SCALES, TABLES
 from .sweep.spec import SweepSpec
+from .train.summary import SUMMARY
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -187,7 +188,7 @@ def cmd_sweep(args, overrides):
             raise ConfigError(f"--run-index {args.run_index} is outside 0..{len(runs) - 1}")
         run = runs[args.run_index]
         write_run_record(run)
-        if (run.run_dir / "summary.json").is_file():
+        if (run.run_dir / SUMMARY).is_file():
             print(f"{run.config.train.run_name}: done already")
             return
         train_in_this_process(run.config)
@@ -220,7 +221,7 @@ def cmd_fit(args, overrides):
     try:
         result = fit_sweep(collect(sweep_dir, params=args.params), bootstrap=args.bootstrap)
     except FitError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{sweep_dir}: {e}") from None
     print(format_report(result))
     for path in write_outputs(result, args.out or sweep_dir / "fit"):
         print(f"wrote {path}")
@@ -277,6 +278,8 @@ def cmd_eval(args, overrides):
     from .eval.perplexity import evaluate
     from .export import load_export
 
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     model, config, _ = load_export(args.export)
     data = ShardSet(args.data or config.get("data_path") or "")
     check_fits(data, model.cfg.vocab_size, model.cfg.block_size)
@@ -288,6 +291,9 @@ def cmd_generate(args, overrides):
     from .eval.generate import generate
     from .export import load_export
 
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--temperature", args.temperature, 0)):
+        if not value >= least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
     model, _, tokenizer = load_export(args.export)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.export} has no tokenizer.json")
@@ -418,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"gam-pretrain: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, PrepError, LaunchError) as e:
+    except (OSError, ValueError, FloatingPointError, PrepError, LaunchError) as e:
+        # one line: every message names the file, key, shard or step at fault
         print(f"gam-pretrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -191,6 +192,7 @@ def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) 
     apply_overrides(cmd, overrides)
     if not cmd.out:
         raise ConfigError("set 'out': the output directory (--out DIR)")
+    check_plain_text(cmd)
     return cmd
 
 
@@ -210,7 +212,12 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML: {where}{problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -228,7 +235,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Dotted command-line overrides onto any config dataclass; values are read as YAML."""
     for key, value in parse_overrides(overrides):
-        set_value(cfg, key, read_value(value), source="command line")
+        parsed = read_value(value)
+        try:
+            set_value(cfg, key, parsed, source="command line")
+        except ConfigError as error:
+            if not isinstance(parsed, (dict, list)):
+                raise
+            try:  # a text key given JSON, e.g. engine.deepspeed_extra='{"zero_optimization": {...}}'
+                set_value(cfg, key, value, source="command line")
+            except ConfigError:
+                raise error from None
     return cfg
 
 
@@ -429,13 +445,73 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"'engine.zero_stage' must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     if cfg.engine.deepspeed_extra:
         try:
-            if not isinstance(json.loads(cfg.engine.deepspeed_extra), dict):
+            extra = json.loads(cfg.engine.deepspeed_extra)
+            if not isinstance(extra, dict):
                 raise ValueError("not an object")
         except ValueError as e:
             raise ConfigError(f"'engine.deepspeed_extra' must be a JSON object: {e}") from None
+        if isinstance(extra.get("checkpoint"), dict) and extra["checkpoint"].get("load_universal"):
+            # DeepSpeed reads universal checkpoints with torch.load(weights_only=False): code in a file would run
+            raise ConfigError("'engine.deepspeed_extra' sets checkpoint.load_universal, which unpickles arbitrary "
+                              "objects; gam-pretrain refuses it (resume from our own checkpoints)")
+    not_negative = {
+        "train.max_steps": cfg.train.max_steps, "train.epochs": cfg.train.epochs,
+        "train.stop_at_step": cfg.train.stop_at_step, "train.eval_interval": cfg.train.eval_interval,
+        "train.eval_batches": cfg.train.eval_batches, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.min_lr_ratio": cfg.optim.min_lr_ratio, "optim.eps": cfg.optim.eps,
+        "checkpoint.interval_steps": cfg.checkpoint.interval_steps,
+        "checkpoint.interval_minutes": cfg.checkpoint.interval_minutes,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "checkpoint.keep_every": cfg.checkpoint.keep_every,
+        "data.num_workers": cfg.data.num_workers, "data.prep_workers": cfg.data.prep_workers,
+        "launch.nodes": cfg.launch.nodes, "launch.tasks_per_node": cfg.launch.tasks_per_node,
+        "launch.gpus_per_node": cfg.launch.gpus_per_node, "launch.cpus_per_task": cfg.launch.cpus_per_task,
+        "launch.mem_gb": cfg.launch.mem_gb, "launch.time_minutes": cfg.launch.time_minutes,
+        "launch.signal_delay_s": cfg.launch.signal_delay_s, "launch.max_requeues": cfg.launch.max_requeues,
+    }
+    for key, value in not_negative.items():
+        if not value >= 0:  # also refuses NaN
+            raise ConfigError(f"'{key}' must be zero or positive, got {value}")
+    if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
+        raise ConfigError(f"'optim.lr' must be a positive number, got {cfg.optim.lr}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg.optim, key) < 1.0:
+            raise ConfigError(f"'optim.{key}' must be in [0, 1), got {getattr(cfg.optim, key)}")
+    if cfg.optim.min_lr_ratio > 1:
+        raise ConfigError(f"'optim.min_lr_ratio' must be at most 1, got {cfg.optim.min_lr_ratio}")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set 'train.max_steps' or 'train.epochs' to a positive value")
+    if cfg.train.max_steps and cfg.train.stop_at_step > cfg.train.max_steps:
+        raise ConfigError(f"'train.stop_at_step' ({cfg.train.stop_at_step}) is beyond 'train.max_steps' "
+                          f"({cfg.train.max_steps})")
+    check_run_name(cfg.train.run_name)
+    check_plain_text(cfg)
     return cfg
+
+
+def check_run_name(name: str, key: str = "train.run_name") -> None:
+    """A run name is one folder inside train.out_dir: never a path that leaves it."""
+    if name and (name in (".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(f"'{key}' must be a plain folder name (no '/', '\\', '.' or '..'), got {name!r}")
+
+
+def control_characters(text: str) -> list[str]:
+    return sorted({repr(c) for c in text if ord(c) < 32 or ord(c) == 127})
+
+
+def check_plain_text(cfg: Any, prefix: str = "") -> None:
+    """No config string may hold a control character: values reach sbatch scripts, file names and
+    logs, where a newline would end its quoting and start a line of shell."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_plain_text(value, f"{key}.")
+            continue
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and (bad := control_characters(item)):
+                where = f"'{key}'" + (f" entry {i}" if isinstance(value, list) else "")
+                raise ConfigError(f"{where} holds control character(s) {', '.join(bad)}; values must be one "
+                                  f"line of plain text, got {item!r}")
 
 
 # ---- help: every key with its type, default and meaning ------------------------------------------

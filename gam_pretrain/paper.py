@@ -15,7 +15,6 @@ labelled Table 1/2/3 there), which we could read; the PDF's tables were not avai
 """
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import subprocess
@@ -26,6 +25,7 @@ import torch
 
 from .config import RunConfig, apply_dict, apply_overrides, read_yaml_mapping, validate
 from .train.loop import train
+from .train.summary import SUMMARY, read_summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "paper"
 PAPER_SOURCE = "github.com/rishiraj/gam README, tables labelled Table 1 and Table 3 (5 epochs, fp32, GPU not stated)"
@@ -81,10 +81,10 @@ def run_table(table: str, scale: str, out_dir: str | Path | None = None, overrid
         cfg = row_config(dataset, scale, model_overrides, overrides)
         cfg.train.out_dir = str(out_dir)
         cfg.train.run_name = f"{dataset}-{_slug(label)}"
-        summary_file = out_dir / cfg.train.run_name / "summary.json"
+        summary_file = out_dir / cfg.train.run_name / SUMMARY
         if summary_file.is_file():
             log(f"{dataset} / {label}: done already ({summary_file})")
-            summary = json.loads(summary_file.read_text())
+            summary = read_summary(summary_file)
         else:
             log(f"=== {dataset} / {label} ({kind}) ===")
             summary = train(cfg, log=log).summary

@@ -1,10 +1,9 @@
 import hashlib
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,6 @@ def shard_hashes(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tokenizer_file(prepared_small):
     return str(prepared_small.path / "tokenizer.json")
-
-
-def test_one_and_two_workers_write_identical_shards(tmp_path, tokenizer_file):
-    cfg = small_prep_config(tokenizer=tokenizer_file)
-    one = run_prep(cfg, tmp_path / "one", workers=1, **QUIET)
-    two = run_prep(cfg, tmp_path / "two", workers=2, **QUIET)
-    assert shard_hashes(tmp_path / "one") == shard_hashes(tmp_path / "two") and len(shard_hashes(tmp_path / "one")) > 5
-    assert one == two
-    assert (tmp_path / "one/manifest.json").read_bytes() == (tmp_path / "two/manifest.json").read_bytes()
-    verify(tmp_path / "two", log=lambda *a: None)
 
 
 def test_manifest_describes_every_shard(prepared_small):
@@ -58,26 +47,6 @@ def test_shards_are_plain_webdataset(prepared_small):
     assert first.dtype == np.uint16 and first.shape == (33,)
     # windows overlap by one token: sample i+1 starts where sample i's last input ends
     assert samples[1]["input_ids.npy"][0] == first[32]
-
-
-def test_prep_killed_midway_resumes_to_the_same_manifest(tmp_path, tokenizer_file):
-    args = [sys.executable, "-m", "gam_pretrain", "prep", "embedded", "--prep.tokenizer", tokenizer_file,
-            "--prep.vocab_size", "512", "--prep.block_size", "32", "--prep.documents_per_unit", "1", "--progress=false"]
-    reference = tmp_path / "reference"
-    subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((killed / ".units").glob("*.json"))) < 5 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list((killed / ".units").glob("*.json")))
-    assert 5 <= done < 42 and not (killed / "manifest.json").exists(), "kill landed too late to test anything"
-    subprocess.run(args + ["--out", str(killed)], check=True, capture_output=True)
-    assert (killed / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
-    assert shard_hashes(killed) == shard_hashes(reference)
-    assert not list(killed.glob("*.tmp"))
 
 
 def _loader(data, rank, workers=2, seed=5, batch=128):
@@ -314,3 +283,261 @@ def test_full_disk_stops_prep_with_a_clear_message_and_keeps_finished_units(tmp_
         assert finished and all((out / s["path"]).stat().st_size == s["bytes"] for r in finished for s in r["shards"])
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+# ---- trust: what reaches a model, and what a prep folder holds (issue 13) ---------------------------
+def linked_copy(data: ShardSet, folder: Path, copied: tuple[str, ...] = ()) -> Path:
+    """The prepared folder with its shards linked, except `copied` (a test may damage those)."""
+    folder.mkdir()
+    for path in data.path.iterdir():
+        if path.suffix == ".tar" and path.name not in copied:
+            (folder / path.name).symlink_to(path)
+        elif path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def keep_only_shards(data: Path, names: list[str]) -> None:
+    """Shortens the copy's manifest to the named shards (a verify reads every shard listed)."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    for info in manifest["splits"].values():
+        info["shards"] = [s for s in info["shards"] if s["path"] in names]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+
+def flip_token_bits(path: Path, samples: int = 50) -> None:
+    """Flips the low bit of one token id in each of the first samples: the tar stays a valid tar."""
+    import tarfile
+
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()[:samples]
+    for m in members:
+        raw[m.offset_data + m.size - 2] ^= 0x01  # the last token (little-endian uint16: its low byte)
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_shard_never_reaches_the_model(prepared_small, tmp_path):
+    first = ShardLoader(prepared_small, "train", 8, seed=0, num_workers=2)._plan(0).shards[0][1]
+    validation = prepared_small.shards("validation")[0]
+    data = linked_copy(prepared_small, tmp_path / "data", (first["path"], validation["path"]))
+    flip_token_bits(data / first["path"])
+    flip_token_bits(data / validation["path"])
+    shards = ShardSet(data)
+    assert len(shards.read(shards.shards("train")[-1])) > 0  # the other shards are fine
+    with pytest.raises(PrepError, match=f"{data / first['path']}.*gam-pretrain verify {data}"):
+        shards.read(first)
+    loader = ShardLoader(shards, "train", 8, seed=0, num_workers=2)  # raised in a worker, re-raised as one line
+    with pytest.raises(PrepError, match=first["path"]) as caught:
+        loader.next_batch()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(PrepError, match=validation["path"]):
+        list(validation_batches(shards, "validation", 8))
+
+
+def test_out_of_vocabulary_id_is_refused_at_load(prepared_small, tmp_path):
+    victim = prepared_small.shards("validation")[0]
+    data = linked_copy(prepared_small, tmp_path / "data", (victim["path"],))
+    raw = bytearray((data / victim["path"]).read_bytes())
+    start = raw.index(b"\x93NUMPY")
+    start += 10 + int.from_bytes(raw[start + 8 : start + 10], "little")  # the first sample's first token
+    raw[start : start + 2] = (60000).to_bytes(2, "little")
+    (data / victim["path"]).write_bytes(bytes(raw))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["validation"]["shards"][0]["sha256"] = hashlib.sha256(raw).hexdigest()  # a buggy tool's shard
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    keep_only_shards(data, [victim["path"]])
+    with pytest.raises(PrepError, match=f"{victim['path']} holds token id 60000, outside the vocabulary of 512"):
+        list(validation_batches(ShardSet(data), "validation", 8))
+    with pytest.raises(PrepError, match=f"1 problem.*{victim['path']} holds token id 60000"):
+        verify(data, log=lambda *a: None)
+
+
+def without_split(prepared_small, folder: Path, split: str, empty: bool = False) -> Path:
+    """A manifest (and tokenizer) of prepared_small lacking `split`, or with it empty."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((prepared_small.path / "tokenizer.json").read_bytes())
+    manifest = json.loads(json.dumps(prepared_small.manifest))
+    if empty:
+        manifest["splits"][split].update(shards=[], samples=0, tokens=0)
+    else:
+        del manifest["splits"][split]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_training_data_without_validation_or_train_is_refused_before_any_step(prepared_small, tmp_path):
+    from conftest import tiny_model_config
+    from gam_pretrain.config import DataConfig
+    from gam_pretrain.data.cache import open_training_data
+
+    model = tiny_model_config(vocab_size=512, block_size=32)
+    open_training_data(DataConfig(dir=str(prepared_small.path)), model, log=lambda *a: None)
+    for split, empty, names in (("validation", False, "no 'validation' split .splits: train"),
+                                ("validation", True, "no samples in its 'validation' split"),
+                                ("train", False, "no 'train' split .splits: validation")):
+        folder = without_split(prepared_small, tmp_path / f"{split}-{empty}", split, empty)
+        with pytest.raises(ValueError, match=f"{folder} has {names}"):
+            open_training_data(DataConfig(dir=str(folder)), model, log=lambda *a: None)
+
+
+def stories_spec(tmp_path: Path, validation: str = "validation.jsonl") -> SourceSpec:
+    if not (tmp_path / "train.jsonl").exists():
+        write_jsonl(tmp_path / "train.jsonl", STORIES * 2)
+        write_jsonl(tmp_path / "validation.jsonl", STORIES[:6])
+        (tmp_path / "empty.jsonl").write_text("")
+    return SourceSpec(kind="files", splits={"train": str(tmp_path / "train.jsonl"),
+                                            "validation": str(tmp_path / validation)})
+
+
+def stories_prep(tmp_path: Path, **overrides):
+    base = dict(source=stories_spec(tmp_path), tokenizer="bpe-whitespace", vocab_size=200, block_size=8,
+                documents_per_unit=20)
+    return small_prep_config(**{**base, **overrides})
+
+
+def test_a_failed_prep_leaves_nothing_and_the_corrected_rerun_runs(tmp_path):
+    out = tmp_path / "out"
+    failing = [stories_prep(tmp_path, source=stories_spec(tmp_path, "empty.jsonl")),
+               stories_prep(tmp_path, source=stories_spec(tmp_path, "nope-*.jsonl")),
+               stories_prep(tmp_path, block_size=0),
+               stories_prep(tmp_path, tokenizer=str(tmp_path / "missing-tokenizer.json"))]
+    for cfg in failing:
+        with pytest.raises((PrepError, SourceError)):
+            run_prep(cfg, out, **QUIET)
+        assert not out.exists()
+    manifest = run_prep(stories_prep(tmp_path), out, **QUIET)
+    assert manifest["splits"]["validation"]["documents"] == 6
+
+
+def test_a_prep_folder_whose_config_cannot_be_established_is_refused(tmp_path):
+    out = tmp_path / "out"
+    run_prep(stories_prep(tmp_path), out, **QUIET)
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".prep_config.json"}
+    (out / ".prep_config.json").unlink()
+    for record in (out / ".units").iterdir():
+        record.unlink()
+    for cfg in (stories_prep(tmp_path, vocab_size=250), stories_prep(tmp_path)):
+        with pytest.raises(PrepError, match=f"{out} holds prep files .* cannot be established; use another --out"):
+            run_prep(cfg, out, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+
+
+def cache_folder(tmp_path: Path, tokenizer) -> Path:
+    from conftest import tiny_model_config
+    from gam_pretrain.config import DataConfig
+    from gam_pretrain.data.cache import recipe_prep
+
+    data_cfg = DataConfig(recipe="embedded", tokenizer=str(tokenizer), cache_dir=str(tmp_path / "cache"))
+    return recipe_prep(data_cfg, tiny_model_config(vocab_size=512, block_size=32))[1]
+
+
+def test_a_changed_tokenizer_file_is_another_prep(tmp_path, tokenizer_file):
+    from gam_pretrain.data.prep import plan_prep, run_units
+    from gam_pretrain.data.tokenizer import train_bpe
+
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_bytes(Path(tokenizer_file).read_bytes())
+    out = tmp_path / "out"
+    run_prep(stories_prep(tmp_path, tokenizer=str(tokenizer)), out, **QUIET)
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cached_before = cache_folder(tmp_path, tokenizer)
+    other = train_bpe(STORIES, 300, "bpe-bytelevel")
+    tokenizer.write_text(other.to_str())  # the same path, another tokenizer
+    with pytest.raises(PrepError, match=f"{out} holds a prep with a different configuration .differs in the content "
+                                        "of the tokenizer file"):
+        run_prep(stories_prep(tmp_path, tokenizer=str(tokenizer)), out, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+    # a run's recipe prep with that tokenizer lives in another cache folder than before the change
+    assert cache_folder(tmp_path, tokenizer) != cached_before
+    # a tokenizer.json swapped inside a planned folder: the units phase refuses to mix two tokenizers
+    planned = tmp_path / "planned"
+    plan_prep(stories_prep(tmp_path), planned, log=lambda *a: None)
+    (planned / "tokenizer.json").write_text(other.to_str())
+    with pytest.raises(PrepError, match=f"{planned / 'tokenizer.json'} is missing or not the tokenizer this prep"):
+        run_units(planned)
+
+
+def test_prep_config_values_are_refused_by_key_before_anything_is_written(tmp_path):
+    for key, value in (("vocab_size", 0), ("vocab_size", -5), ("block_size", 0), ("block_size", -1),
+                       ("documents_per_unit", 0), ("samples_per_shard", 0), ("tokenizer_train_documents", -1)):
+        with pytest.raises(PrepError, match=rf"^prep\.{key} must be .*got {value}$"):
+            run_prep(stories_prep(tmp_path, **{key: value}), tmp_path / "out", **QUIET)
+        assert not (tmp_path / "out").exists()
+
+
+def test_bad_corpus_files_are_named_by_file_and_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def first_error(path: Path, **spec) -> str:
+        with pytest.raises(SourceError) as caught:
+            list(Source(SourceSpec(kind="files", splits={"train": str(path)}, **spec)).documents("train"))
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    jsonl = tmp_path / "c.jsonl"
+    for line, says in (('{"text": 5}', "field 'text' is 5 .int., not text"),
+                       ('{"text": null}', "field 'text' is null .NoneType., not text"),
+                       ('{"text": "broken', "not valid JSON"), ('["text"]', "a JSON list, not an object"),
+                       ('{"body": "x"}', "no field 'text' .fields: body.")):
+        jsonl.write_text('{"text": "fine"}\n\n' + line + "\n")
+        assert re.search(f"^{jsonl}:3: {says}", first_error(jsonl)), line
+    garbled = tmp_path / "c.json"
+    garbled.write_text('[{"text": "a"')
+    assert first_error(garbled).startswith(f"{garbled}:1: not valid JSON")
+    pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "c.parquet")
+    assert first_error(tmp_path / "c.parquet") == (f"{tmp_path / 'c.parquet'}: no column 'text' (columns: body); "
+                                                   "set prep.source.text_field")
+    pq.write_table(pa.table({"text": ["one", None]}), tmp_path / "n.parquet")
+    assert first_error(tmp_path / "n.parquet").startswith(f"{tmp_path / 'n.parquet'}: row 1: field 'text' is null")
+    (tmp_path / "g.parquet").write_bytes(b"not a parquet file at all")
+    assert first_error(tmp_path / "g.parquet").startswith(f"cannot read {tmp_path / 'g.parquet'} as parquet")
+    # through `datasets` (the hf builders) the file is named too
+    hf = Source(SourceSpec(kind="hf", path="json", data_files={"train": [str(garbled)]}))
+    with pytest.raises(SourceError, match=f"^cannot read dataset 'json' from {garbled}: "):
+        list(hf.documents("train"))
+
+
+def test_hub_recipe_without_network_is_one_line_naming_the_dataset(tmp_path):
+    from gam_pretrain.data.recipes import load_recipe
+
+    recipe = load_recipe("wikitext2")  # a Hub recipe; conftest sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
+    recipe.source.path = "gam-pretrain-tests/never-downloaded"  # wikitext itself may be in this machine's cache
+    with pytest.raises(SourceError, match="^cannot load dataset 'gam-pretrain-tests/never-downloaded' .config "
+                                          "wikitext-2-raw-v1.: the Hugging Face Hub could not be reached") as caught:
+        run_prep(recipe, tmp_path / "out", **QUIET)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_verify_logs_every_problem_and_fails_in_one_line(prepared_small, tmp_path):
+    victims = [s["path"] for s in prepared_small.shards("validation")[:1] + prepared_small.shards("train")[:1]]
+    data = linked_copy(prepared_small, tmp_path / "data", tuple(victims))
+    for victim in victims:
+        flip_token_bits(data / victim, samples=1)
+    keep_only_shards(data, victims + [prepared_small.shards("train")[1]["path"]])
+    logged = []
+    with pytest.raises(PrepError) as caught:
+        verify(data, log=logged.append)
+    assert str(caught.value).startswith(f"verify failed for {data}: 2 problem(s); first: shard {data / victims[1]}")
+    assert "\n" not in str(caught.value)
+    assert [line for line in logged if line.startswith("problem:")] == [
+        f"problem: shard {data / v} does not match the manifest's sha256 (corrupt, truncated or changed); "
+        f"run `gam-pretrain verify {data}`" for v in (victims[1], victims[0])]
+
+
+def test_garbled_manifest_and_tokenizer_are_named(prepared_small, tmp_path):
+    from gam_pretrain.data import load_tokenizer
+
+    data = linked_copy(prepared_small, tmp_path / "data")
+    for text in ('{"format": "gam-pretrain-shards", "splits": {', "[1, 2]", '{"format": "gam-pretrain-shards"}'):
+        (data / "manifest.json").write_text(text)
+        with pytest.raises(PrepError, match=f"^{data / 'manifest.json'} ") as caught:
+            ShardSet(data)
+        assert "\n" not in str(caught.value)
+    (data / "manifest.json").write_bytes((prepared_small.path / "manifest.json").read_bytes())
+    (data / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(PrepError, match=f"^{data / 'tokenizer.json'} does not match the manifest's sha256"):
+        ShardSet(data).tokenizer()
+    with pytest.raises(ValueError, match=f"^{data / 'tokenizer.json'} is not a tokenizers JSON file"):
+        load_tokenizer(data / "tokenizer.json")

@@ -135,8 +135,8 @@ def test_bad_sbatch_args_are_a_config_error(tmp_path, prepared_small):
 @pytest.mark.slurm
 def test_sbatch_template_trains_and_keeps_arguments_as_text(slurm_cluster, prepared_small, tmp_path):
     cfg = tiny_config(tmp_path, prepared_small.path)
-    marker = tmp_path / "pwned"
-    name = f"a b 'c' \"d\" $(touch {marker}) `touch {marker}`"
+    marker = tmp_path / "pwned"  # the job runs in tmp_path: a relative `touch` would land here
+    name = "a b 'c' \"d\" $(touch pwned) `touch pwned`"  # a run name is one folder name: no '/'
     out = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "job-%j.out"),
                           str(REPO / "slurm" / "train.sbatch"), "--config", str(cfg), "--train.run_name", name],
                          env=dict(os.environ, GAM_PYTHON=PY), cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -255,10 +255,11 @@ def test_slurm_refusals_are_reported_with_slurms_words(slurm_cluster, prepared_s
 
 @pytest.mark.slurm
 def test_launch_quotes_names_and_status_reports_the_run(slurm_cluster, prepared_small, tmp_path):
-    marker = tmp_path / "pwned"
-    name = f"run $(touch {marker}) 'q' \"dq\""
+    marker = tmp_path / "pwned"  # launched from tmp_path, so a relative `touch` would land here too
+    name = "run $(touch pwned) 'q' \"dq\""  # a run name is one folder name: no '/'
     cfg = tiny_config(tmp_path, prepared_small.path, run_name=name)
-    out = cli("launch", "train", "--config", cfg, "--launch.job_name", f"job `touch {marker}` 'x'", "--wait")
+    out = cli("launch", "train", "--config", cfg, "--launch.job_name", f"job `touch {marker}` 'x'", "--wait",
+              cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / name
     assert not marker.exists(), "a value reached a shell"

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from gam_pretrain.models import ModelConfig, build_model
+from gam_pretrain.models import build_model
 from gam_pretrain.sweep.fit import FitError, Law, check_points, fit_law, isoflop_minimum
 from gam_pretrain.sweep.ladder import ladder, rung_config
 from gam_pretrain.sweep.spec import expand, load_spec

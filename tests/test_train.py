@@ -118,7 +118,7 @@ def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small
 
     base = tiny_run_overrides(tmp_path, prepared_small, steps=2) + ["train.run_name=r", "train.eval_batches=1"]
     train(load_config(None, base), log=lambda *a: None)
-    with pytest.raises(CheckpointMismatchError, match="model="):
+    with pytest.raises(CheckpointMismatchError, match="model.d_model=32, this run has model.d_model=48"):
         train(load_config(None, base + ["train.max_steps=4", "model.d_model=48"]), log=lambda *a: None)
 
 

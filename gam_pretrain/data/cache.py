@@ -8,7 +8,7 @@ import json
 import shlex
 from pathlib import Path
 
-from .prep import PrepConfig, run_prep
+from .prep import PrepConfig, is_trained, run_prep, tokenizer_file_sha256
 from .recipes import load_recipe
 from .shards import ShardSet
 
@@ -34,13 +34,33 @@ def check_fits(data: ShardSet, vocab_size: int, block_size: int) -> None:
         )
 
 
+TRAINING_SPLITS = ("train", "validation")  # training reads train and always ends with an eval on validation
+
+
+def check_training_splits(data: ShardSet) -> None:
+    """Refuses data without a non-empty train and validation split, or with a damaged validation
+    shard, before any compute is spent (train shards are checked as they are read)."""
+    splits = data.manifest["splits"]
+    for split in TRAINING_SPLITS:
+        if not splits.get(split, {}).get("samples"):
+            have = ", ".join(f"{name} ({info.get('samples', 0)} samples)" for name, info in splits.items()) or "none"
+            lack = f"no samples in its {split!r} split" if split in splits else f"no {split!r} split"
+            raise DataMismatchError(f"{data.path} has {lack} (splits: {have}); training reads train and ends with "
+                                    "an eval on validation: prep both (--prep.splits '[train, validation]')")
+    for shard in data.shards("validation"):  # read (hashed, ids checked) now, not first at the final eval
+        data.read(shard)
+
+
 def recipe_prep(data_cfg, model_cfg) -> tuple[PrepConfig, Path]:
     """The prep config a run's recipe implies (the run's block size and vocabulary), and the folder
-    in data.cache_dir that holds it: one folder per distinct prep config."""
+    in data.cache_dir that holds it: one folder per distinct prep config (and tokenizer file content)."""
     recipe = load_recipe(data_cfg.recipe)
     prep_cfg = dataclasses.replace(recipe, block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
                                    tokenizer=data_cfg.tokenizer or recipe.tokenizer)
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(prep_cfg), sort_keys=True).encode()).hexdigest()[:12]
+    identity = dataclasses.asdict(prep_cfg)
+    if not is_trained(prep_cfg) and Path(prep_cfg.tokenizer).exists():  # a missing one is named by the prep
+        identity["tokenizer_file_sha256"] = tokenizer_file_sha256(Path(prep_cfg.tokenizer))
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return prep_cfg, Path(data_cfg.cache_dir) / f"{data_cfg.recipe}-{key}"
 
 
@@ -77,5 +97,6 @@ def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
         if not (out / "manifest.json").is_file():
             run_prep(prep_cfg, out, workers=data_cfg.prep_workers, log=log, progress=False)
         data = ShardSet(out)
+    check_training_splits(data)
     check_fits(data, model_cfg.vocab_size, model_cfg.block_size)
     return data

@@ -17,6 +17,13 @@ Three phases, run in one process by `run_prep` or as SLURM jobs (`gam-pretrain l
 plan (once: tokenizer + unit counts), units (any number of tasks, task i takes units i, i+n, ...),
 finalize (once: manifest.json from the unit records).
 
+The plan checks everything it can before it writes anything (the config's values, that each split
+opens and is not empty, that a tokenizer file loads), so a mistake leaves no trace and the corrected
+command runs. Then it records the config in .prep_config.json (with the sha256 of a tokenizer given
+as a file); a folder holding prep files of another config, or of a config it cannot establish, is
+refused. plan.json records the sha256 of the folder's tokenizer.json, and the later phases refuse a
+tokenizer.json that differs from it.
+
 Packing (as the paper did for WikiText): a unit's documents are tokenized, joined with an <eos>
 token after each, and cut into windows of block_size + 1 tokens that overlap by one token
 (window i starts at i * block_size). The last partial window of each unit is dropped (fewer than
@@ -41,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import files
+from ..files import sha256_file
 from .sources import Source, SourceSpec
 from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
@@ -65,23 +74,46 @@ class PrepConfig:
     samples_per_shard: int = 2048  # samples per tar shard
 
 
+TRAINED_TOKENIZERS = ("bpe-whitespace", "bpe-bytelevel")
+POSITIVE_KEYS = ("block_size", "documents_per_unit", "samples_per_shard")
+
+
+def check_prep_config(cfg: PrepConfig) -> None:
+    """Refuses values no prep can use, naming the key, before anything is written."""
+    for key in POSITIVE_KEYS + (("vocab_size",) if cfg.tokenizer in TRAINED_TOKENIZERS else ()):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise PrepError(f"prep.{key} must be a positive integer, got {value!r}")
+    if not isinstance(cfg.tokenizer_train_documents, int) or cfg.tokenizer_train_documents < 0:
+        raise PrepError(f"prep.tokenizer_train_documents must be 0 (the whole train split) or more, "
+                        f"got {cfg.tokenizer_train_documents!r}")
+    if not cfg.splits:
+        raise PrepError("prep.splits is empty; name the splits to write (train, validation)")
+    if len(set(cfg.splits)) != len(cfg.splits):
+        raise PrepError(f"prep.splits names a split twice: {cfg.splits}")
+    if not cfg.tokenizer:
+        raise PrepError("prep.tokenizer is empty; use bpe-whitespace, bpe-bytelevel or a path to a tokenizer.json")
+
+
 def tokenizer_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "int32"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers of one file stay safe
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        files.write_atomic(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             raise PrepError(f"disk full while writing {path}; free space and run prep again (finished units are kept)") from None
-        raise
+        raise PrepError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def read_json(path: Path):
+    """A JSON file written by prep; a missing or garbled one raises one line naming it."""
+    try:
+        return files.read_json(path)
+    except (OSError, ValueError) as e:
+        raise PrepError(str(e)) from None
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -101,14 +133,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- one work unit ------------------------------------------------------------------------------
 def _encode(tokenizer, doc: str) -> list[int]:
     ids: list[int] = []
@@ -122,14 +146,22 @@ def _cached_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def _finished_record(record_path: Path, out_dir: Path) -> dict | None:
+    """A unit's record when the unit is complete (record readable, every shard there at its size)."""
+    try:
+        record = read_json(record_path)
+        complete = all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
+                       for s in record["shards"])
+    except (PrepError, KeyError, TypeError):
+        return None  # a garbled record: the unit is done again
+    return record if complete else None
+
+
 def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     """Tokenize, pack and write one unit; returns its record. Skips a unit already complete."""
     record_path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
-               for s in record["shards"]):
-            return record
+    if record_path.is_file() and (record := _finished_record(record_path, out_dir)) is not None:
+        return record
     tokenizer = _cached_tokenizer(str(out_dir / "tokenizer.json"))
     eos = eos_id(tokenizer)
     if eos is None:
@@ -168,28 +200,100 @@ def _unit_worker(args):
 
 
 # ---- the whole prep ---------------------------------------------------------------------------
+def is_trained(cfg: PrepConfig) -> bool:
+    return cfg.tokenizer in TRAINED_TOKENIZERS
+
+
+def tokenizer_file_sha256(path: Path) -> str:
+    """The content hash of a tokenizer given by path (a tokenizer.json, or vocab.json + merges.txt)."""
+    h = hashlib.sha256()
+    for file in [path / "vocab.json", path / "merges.txt"] if path.is_dir() else [path]:
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def check_tokenizer_file(cfg: PrepConfig) -> str:
+    """A tokenizer given by path loads and has a separator; returns its sha256."""
+    path = Path(cfg.tokenizer)
+    if not path.exists():
+        raise PrepError(f"tokenizer file not found: {path} (or use bpe-whitespace / bpe-bytelevel)")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"{path} is not a tokenizers JSON file or a vocab.json + merges.txt folder: {e}") from None
+    if eos_id(tokenizer) is None:
+        raise PrepError(f"the tokenizer {path} has none of {EOS_CANDIDATES}; documents are separated by one")
+    return tokenizer_file_sha256(path)
+
+
+def _split_is_empty(source: Source, split: str) -> bool:
+    return next(iter(source.documents(split, 0, 1)), None) is None
+
+
+def count_units(cfg: PrepConfig, source: Source, log=print) -> dict[str, int | None]:
+    """Each split's number of work units (None: open-ended, streaming); an empty split is refused."""
+    if is_trained(cfg) and "train" not in cfg.splits and _split_is_empty(source, "train"):
+        raise PrepError("split 'train' of the corpus is empty: nothing to train a tokenizer on")
+    units: dict[str, int | None] = {}
+    for split in cfg.splits:
+        n_docs = source.num_documents(split)
+        if n_docs == 0 or (n_docs is None and _split_is_empty(source, split)):
+            raise PrepError(f"split {split!r} of the corpus is empty")
+        units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
+        log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in "
+            f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
+    return units
+
+
+def prep_artifacts(out_dir: Path) -> list[str]:
+    """The files in out_dir that a prep wrote (what a prep of another config must not mix with)."""
+    if not out_dir.is_dir():
+        return []
+    found = [name for name in ("manifest.json", "plan.json", "tokenizer.json") if (out_dir / name).exists()]
+    found += sorted(p.name for p in out_dir.glob("*.tar"))
+    found += sorted(f"{UNIT_DIR}/{p.name}" for p in (out_dir / UNIT_DIR).glob("*.json"))
+    return found
+
+
+def check_prep_folder(out_dir: Path, record: dict) -> None:
+    """Refuses a folder whose prep files come from another config, or from one it cannot establish.
+    A folder without prep files takes any config (a failed or killed start leaves nothing to mix)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepError(f"{out_dir} is a file, not a folder; use another --out")
+    found = prep_artifacts(out_dir)
+    if not found:
+        return
+    config_file = out_dir / ".prep_config.json"
+    if not config_file.is_file():
+        raise PrepError(f"{out_dir} holds prep files ({', '.join(found[:3])}) but no .prep_config.json, so their "
+                        "configuration cannot be established; use another --out")
+    try:
+        recorded = read_json(config_file)
+    except PrepError as e:
+        raise PrepError(f"{e}; the configuration of the prep in {out_dir} cannot be established; use another --out") from None
+    if not isinstance(recorded, dict):
+        recorded = {}
+    if recorded != record:
+        changed = sorted(k for k in recorded.keys() | record.keys() if recorded.get(k) != record.get(k))
+        names = ", ".join("the content of the tokenizer file" if k == "tokenizer_file_sha256" else f"prep.{k}"
+                          for k in changed)
+        raise PrepError(f"{out_dir} holds a prep with a different configuration (differs in {names}); "
+                        "use another --out")
+
+
 def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print) -> None:
     target = out_dir / "tokenizer.json"
     if target.is_file():
         return
-    if cfg.tokenizer in ("bpe-whitespace", "bpe-bytelevel"):
+    if is_trained(cfg):
         limit = cfg.tokenizer_train_documents or None
         log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on the train split ...")
         tokenizer = train_bpe(source.documents("train", 0, limit), cfg.vocab_size, cfg.tokenizer)
         if tokenizer.get_vocab_size() == 0:
             raise PrepError("the train split is empty: nothing to train a tokenizer on")
-        _write_atomic(target, tokenizer.to_str().encode())
     else:
-        path = Path(cfg.tokenizer)
-        if not path.exists():
-            raise PrepError(f"tokenizer file not found: {path} (or use bpe-whitespace / bpe-bytelevel)")
-        try:
-            tokenizer = load_tokenizer(path)
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
-            raise PrepError(f"{path} is not a tokenizers JSON file or a vocab.json + merges.txt folder: {e}") from None
-        if eos_id(tokenizer) is None:
-            raise PrepError(f"the tokenizer {path} has none of {EOS_CANDIDATES}; documents are separated by one")
-        _write_atomic(target, tokenizer.to_str().encode())
+        tokenizer = load_tokenizer(Path(cfg.tokenizer))  # checked by check_tokenizer_file
+    _write_atomic(target, tokenizer.to_str().encode())
 
 
 def _config_dict(cfg: PrepConfig) -> dict:
@@ -201,37 +305,49 @@ def prep_config_from_dict(d: dict) -> PrepConfig:
 
 
 def plan_prep(cfg: PrepConfig, out_dir: str | Path, log=print) -> dict:
-    """Phase 1 (once): record the config, train or copy the tokenizer, count each split's units.
-    Writes plan.json; the units phase (any number of tasks) and finalize read it."""
+    """Phase 1 (once): check the config and the input, record the config, train or copy the
+    tokenizer, count each split's units. Writes plan.json; the units phase (any number of tasks)
+    and finalize read it. Nothing is written before every check has passed."""
     out_dir = Path(out_dir)
-    (out_dir / UNIT_DIR).mkdir(parents=True, exist_ok=True)
+    check_prep_config(cfg)
     cfg_dict = json.loads(json.dumps(_config_dict(cfg)))
-    config_file = out_dir / ".prep_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != cfg_dict:
-        raise PrepError(f"{out_dir} holds a prep with a different configuration; use another output directory")
-    _write_atomic(config_file, json.dumps(cfg_dict, indent=1).encode())
+    record = dict(cfg_dict)
+    if not is_trained(cfg):
+        record["tokenizer_file_sha256"] = check_tokenizer_file(cfg)  # the same path with new content is another prep
+    check_prep_folder(out_dir, record)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; workers are the parallelism
     source = Source(cfg.source)
+    units = count_units(cfg, source, log=log)
+    try:
+        (out_dir / UNIT_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepError(f"cannot create {out_dir / UNIT_DIR}: {e.strerror or e}") from None
+    _write_atomic(out_dir / ".prep_config.json", json.dumps(record, indent=1).encode())
     prepare_tokenizer(cfg, out_dir, source, log=log)
-    units: dict[str, int | None] = {}
-    for split in cfg.splits:
-        n_docs = source.num_documents(split)
-        if n_docs == 0:
-            raise PrepError(f"split {split!r} of the corpus is empty")
-        units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
-        log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in "
-            f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
-    plan = {"config": cfg_dict, "units": units}
+    if (out_dir / "plan.json").is_file():
+        read_plan(out_dir)  # an earlier plan of this prep: its tokenizer must still be the folder's
+    plan = {"config": cfg_dict, "units": units, "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json")}
     _write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1).encode())
     return plan
 
 
 def read_plan(out_dir: str | Path) -> tuple[PrepConfig, dict[str, int | None]]:
-    path = Path(out_dir) / "plan.json"
+    """The plan's config and unit counts, after checking that tokenizer.json is the one it planned with."""
+    out_dir = Path(out_dir)
+    path = out_dir / "plan.json"
     if not path.is_file():
         raise PrepError(f"no plan.json in {out_dir}: run the plan phase first (`gam-pretrain prep ... --phase plan`)")
-    plan = json.loads(path.read_text())
-    return prep_config_from_dict(plan["config"]), plan["units"]
+    plan = read_json(path)
+    try:
+        cfg, units = prep_config_from_dict(plan["config"]), plan["units"]
+    except (KeyError, TypeError) as e:
+        raise PrepError(f"{path} is not a prep plan ({e}); run the plan phase again in another --out") from None
+    expected = plan.get("tokenizer_sha256")
+    tokenizer = out_dir / "tokenizer.json"
+    if expected and (not tokenizer.is_file() or sha256_file(tokenizer) != expected):
+        raise PrepError(f"{tokenizer} is missing or not the tokenizer this prep was planned with (plan.json records "
+                        "another sha256); shards of two tokenizers must not mix: use another --out")
+    return cfg, units
 
 
 def run_units(out_dir: str | Path, task_index: int = 0, task_count: int = 1, workers: int = 1,
@@ -259,7 +375,7 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
             if not path.is_file():
                 raise PrepError(f"unit {unit} of split {split!r} is not done yet ({path.name} missing); "
                                 "run the units phase again (finished units are kept)")
-            record = json.loads(path.read_text())
+            record = read_json(path)
             if record["documents"] or unit == 0:
                 records[split].append(record)
             if n is None and record["documents"] < cfg.documents_per_unit:
@@ -271,6 +387,9 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
     manifest = build_manifest(cfg, _config_dict(cfg), records, sha256_file(out_dir / "tokenizer.json"), vocab_size,
                               Source(cfg.source))
     _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    for stale in [*out_dir.glob(".*.tmp"), *(out_dir / UNIT_DIR).glob(".*.tmp")]:
+        if not files.writer_alive(stale):
+            stale.unlink(missing_ok=True)  # left by a writer killed mid-write
     for split, info in manifest["splits"].items():
         log(f"{split}: {info['documents']:,} documents -> {info['samples']:,} samples of {cfg.block_size + 1} tokens "
             f"in {len(info['shards'])} shards ({info['replaced_characters']} replaced characters)")
@@ -287,7 +406,7 @@ def run_prep(cfg: PrepConfig, out_dir: str | Path, workers: int = 1, log=print, 
     seconds = time.perf_counter() - started
     total_tokens = sum(s["tokens"] for s in manifest["splits"].values())
     stats = {"seconds": seconds, "workers": workers, "tokens": total_tokens, "tokens_per_s": total_tokens / seconds}
-    (out_dir / "prep_stats.json").write_text(json.dumps(stats, indent=1))
+    _write_atomic(out_dir / "prep_stats.json", json.dumps(stats, indent=1).encode())
     log(f"wrote {out_dir / 'manifest.json'} in {seconds:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s)")
     return manifest
 
@@ -354,69 +473,115 @@ def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) ->
 
 
 def verify(out_dir: str | Path, log=print) -> dict:
-    """Re-hash every shard against the manifest and read every sample; raises PrepError on a mismatch."""
+    """Re-hash every shard against the manifest and read every sample. Each problem is logged on
+    its own line; then one PrepError line counts them and names the first."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
+    vocab_size = manifest["tokenizer"]["vocab_size"]
     problems = []
-    if sha256_file(out_dir / manifest["tokenizer"]["file"]) != manifest["tokenizer"]["sha256"]:
-        problems.append("tokenizer.json does not match the manifest's hash")
+    tokenizer = out_dir / manifest["tokenizer"]["file"]
+    if not tokenizer.is_file():
+        problems.append(f"{tokenizer.name}: missing")
+    elif sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]:
+        problems.append(f"{tokenizer.name}: sha256 differs from the manifest (changed or corrupt)")
     stats = {}
     for split, info in manifest["splits"].items():
-        token_counts = np.zeros(manifest["tokenizer"]["vocab_size"], dtype=np.int64)
+        token_counts = np.zeros(vocab_size, dtype=np.int64)
         for shard in info["shards"]:
             path = out_dir / shard["path"]
-            if not path.is_file():
-                problems.append(f"{shard['path']}: missing")
+            try:
+                samples = read_checked_shard(path, shard, manifest, out_dir)
+            except PrepError as e:
+                problems.append(str(e))
                 continue
-            if sha256_file(path) != shard["sha256"]:
-                problems.append(f"{shard['path']}: sha256 differs from the manifest (corrupt or truncated)")
-                continue
-            samples = read_shard(path, manifest)
-            if len(samples) != shard["samples"]:
-                problems.append(f"{shard['path']}: {len(samples)} samples, manifest says {shard['samples']}")
             for s in samples:
-                token_counts += np.bincount(s, minlength=len(token_counts))
+                token_counts += np.bincount(s, minlength=vocab_size)
         stats[split] = {"shards": len(info["shards"]), "samples": info["samples"], "tokens": info["tokens"],
                         "distinct_tokens": int((token_counts > 0).sum())}
         log(f"{split}: {len(info['shards'])} shards, {info['samples']:,} samples, {info['tokens']:,} tokens, "
             f"{stats[split]['distinct_tokens']:,} distinct token ids")
     if problems:
-        raise PrepError(f"verify failed for {out_dir}:\n  " + "\n  ".join(problems))
+        for problem in problems:
+            log(f"problem: {problem}")
+        raise PrepError(f"verify failed for {out_dir}: {len(problems)} problem(s); first: {problems[0]}")
     log("all shards match the manifest")
     return stats
+
+
+MANIFEST_KEYS = ("block_size", "sample_length", "sample_field", "dtype", "tokenizer", "splits")
 
 
 def read_manifest(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
         raise PrepError(f"no manifest.json in {out_dir}: prep has not finished there")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PrepError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrepError(f"{path} is not a gam-pretrain shard manifest")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    tokenizer = manifest.get("tokenizer")
+    missing += [f"tokenizer.{k}" for k in ("file", "sha256", "vocab_size")
+                if not isinstance(tokenizer, dict) or k not in tokenizer]
+    if missing or not isinstance(manifest["splits"], dict):
+        raise PrepError(f"{path} is incomplete (no {', '.join(missing) or 'splits mapping'}); prep again")
+    shard_fields = {"path": str, "samples": int, "tokens": int, "sha256": str}
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(shard, dict) and all(isinstance(shard.get(k), t) for k, t in shard_fields.items())
+                and Path(shard["path"]).name == shard["path"] for shard in shards):
+            raise PrepError(f"{path}: split {split!r} is garbled (each shard needs a plain file name, samples, tokens "
+                            "and sha256); prep again")
     return manifest
 
 
-def read_shard(path: Path, manifest: dict) -> list[np.ndarray]:
-    """All samples of one shard, in order. A corrupt or truncated tar raises PrepError naming it."""
+def read_checked_shard(path: Path, shard: dict, manifest: dict, data_dir: Path) -> np.ndarray:
+    """A shard's samples as one array, read once: its bytes are hashed and compared with the
+    manifest before they are parsed, and every token id is checked against the vocabulary."""
+    hint = f"run `gam-pretrain verify {data_dir}`"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PrepError(f"shard {path} cannot be read ({e.strerror or e}); {hint}") from None
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise PrepError(f"shard {path} does not match the manifest's sha256 (corrupt, truncated or changed); {hint}")
+    samples = parse_shard(data, path, manifest)
+    if len(samples) != shard["samples"]:
+        raise PrepError(f"shard {path} holds {len(samples)} samples, the manifest says {shard['samples']}; {hint}")
+    rows = np.stack(samples) if samples else np.zeros((0, manifest["sample_length"]), dtype=manifest["dtype"])
+    check_token_ids(rows, manifest["tokenizer"]["vocab_size"], path, hint)
+    return rows
+
+
+def check_token_ids(rows: np.ndarray, vocab_size: int, path: Path, hint: str) -> None:
+    """An id outside the vocabulary would index past the model's embedding: refuse it at load."""
+    if rows.size == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise PrepError(f"shard {path} holds token id {bad}, outside the vocabulary of {vocab_size} tokens; {hint}")
+
+
+def parse_shard(data: bytes, path: Path, manifest: dict) -> list[np.ndarray]:
+    """The samples of a shard's bytes, in order; `path` names it in errors."""
     samples = []
     header = b""  # every sample is stored with the same .npy header; parse it once
     suffix = "." + manifest["sample_field"]
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.name.endswith(suffix):
                     continue
-                data = tar.extractfile(member).read()
-                if not header or not data.startswith(header):
-                    array = np.load(io.BytesIO(data), allow_pickle=False)
-                    header = data[: len(data) - array.nbytes]
+                sample = tar.extractfile(member).read()
+                if not header or not sample.startswith(header):
+                    array = np.load(io.BytesIO(sample), allow_pickle=False)
+                    header = sample[: len(sample) - array.nbytes]
                 else:
-                    array = np.frombuffer(data, dtype=manifest["dtype"], offset=len(header))
+                    array = np.frombuffer(sample, dtype=manifest["dtype"], offset=len(header))
                 if array.shape != (manifest["sample_length"],):
-                    raise PrepError(f"{path}: sample {member.name} has shape {array.shape}")
+                    raise PrepError(f"shard {path}: sample {member.name} has shape {array.shape}, expected "
+                                    f"({manifest['sample_length']},); run `gam-pretrain verify`")
                 samples.append(array)
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise PrepError(f"shard {path} is corrupt or truncated ({e}); run `gam-pretrain verify`") from None

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prep import PrepError, read_manifest, read_shard
-from .tokenizer import load_tokenizer
+from .prep import PrepError, read_checked_shard, read_manifest
+from .tokenizer import tokenizer_from_bytes
 
 
 class ShardSet:
@@ -45,8 +45,21 @@ class ShardSet:
     def block_size(self) -> int:
         return self.manifest["block_size"]
 
+    def tokenizer_bytes(self) -> bytes:
+        """tokenizer.json as the shards were written with it (its bytes checked against the manifest)."""
+        path = self.path / self.manifest["tokenizer"]["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise PrepError(f"{path} cannot be read ({e.strerror or e}); run `gam-pretrain verify {self.path}`") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["tokenizer"]["sha256"]:
+            raise PrepError(f"{path} does not match the manifest's sha256 (changed or corrupt); "
+                            f"run `gam-pretrain verify {self.path}`")
+        return data
+
     def tokenizer(self):
-        return load_tokenizer(self.path / self.manifest["tokenizer"]["file"])
+        """The tokenizer the shards were written with (its bytes checked against the manifest)."""
+        return tokenizer_from_bytes(self.tokenizer_bytes(), self.path / self.manifest["tokenizer"]["file"])
 
     def shards(self, split: str) -> list[dict]:
         if split not in self.manifest["splits"]:
@@ -54,11 +67,9 @@ class ShardSet:
         return self.manifest["splits"][split]["shards"]
 
     def read(self, shard: dict) -> np.ndarray:
-        samples = read_shard(self.path / shard["path"], self.manifest)
-        if len(samples) != shard["samples"]:
-            raise PrepError(f"shard {self.path / shard['path']} holds {len(samples)} samples, the manifest says "
-                            f"{shard['samples']}; run `gam-pretrain verify {self.path}`")
-        return np.stack(samples)
+        """A shard's samples [n, block_size + 1]. Its bytes are read once and hashed before they are
+        parsed, so a corrupt shard (or an id outside the vocabulary) never reaches a model."""
+        return read_checked_shard(self.path / shard["path"], shard, self.manifest, self.path)
 
 
 def _to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +122,11 @@ class _StreamDataset(IterableDataset):
         info = get_worker_info()
         w = info.id if info is not None else 0
         stream = self.rank * self.workers + w
-        for rows in self.plan.stream_batches(self.shard_set, stream, self.first_batch_of_worker[w]):
-            yield w, _to_batch(rows)
+        try:
+            for rows in self.plan.stream_batches(self.shard_set, stream, self.first_batch_of_worker[w]):
+                yield w, _to_batch(rows)
+        except PrepError as e:
+            yield w, e  # re-raised by the reader: raised in a DataLoader worker, its one line would become a traceback
 
 
 class ShardLoader:
@@ -164,6 +178,9 @@ class ShardLoader:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             self._iterator = self._start_epoch_iterator()
             batch = next(self._iterator)
+        if isinstance(batch, PrepError):
+            self._iterator = None
+            raise batch
         self.batches_in_epoch += 1
         if self.batches_in_epoch == self.batches_per_epoch:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0

@@ -17,6 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator, Literal
 
+from ..files import first_line
 from .corpus import EMBEDDED_DIR
 
 
@@ -59,6 +60,20 @@ def _embedded_documents(split: str) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+def _flat(values) -> list:
+    return [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _text(value, where: str, field_: str) -> str:
+    if not isinstance(value, str):
+        try:
+            shown = json.dumps(value)[:40]  # as the JSONL file writes it (null, 5, [...])
+        except TypeError:  # bytes and other values JSON has no word for
+            shown = repr(value)[:40]
+        raise SourceError(f"{where}: field {field_!r} is {shown} ({type(value).__name__}), not text")
+    return value
+
+
 class Source:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -96,31 +111,59 @@ class Source:
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
             if name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(path, columns=[self.spec.text_field])
-                yield from table.column(self.spec.text_field).to_pylist()
+                yield from self._parquet_documents(path)
             elif name.endswith((".jsonl", ".json")):
                 with opener(path, "rt", encoding="utf-8", errors="replace") as f:
                     for lineno, line in enumerate(f, 1):
                         if line.strip():
-                            record = json.loads(line)
-                            if self.spec.text_field not in record:
-                                raise SourceError(f"{path}:{lineno}: no field {self.spec.text_field!r} "
-                                                  f"(fields: {', '.join(record)}); set the text field")
-                            yield record[self.spec.text_field]
+                            yield self._jsonl_text(line, f"{path}:{lineno}")
             else:
                 with opener(path, "rt", encoding="utf-8", errors="replace") as f:
                     if self.spec.txt_documents == "lines":
                         yield from (line.rstrip("\n") for line in f if line.strip())
                     else:
                         yield f.read()
-        except (OSError, json.JSONDecodeError, EOFError) as e:
+        except (OSError, EOFError) as e:
             raise SourceError(f"cannot read {path}: {e}") from None
+
+    def _jsonl_text(self, line: str, where: str) -> str:
+        """The text field of one JSONL line; `where` is file:line."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{where}: not valid JSON ({e.msg} at character {e.pos + 1}); each line must be one "
+                              "JSON object (JSON Lines)") from None
+        if not isinstance(record, dict):
+            raise SourceError(f"{where}: a JSON {type(record).__name__}, not an object with a "
+                              f"{self.spec.text_field!r} field (JSON Lines)")
+        if self.spec.text_field not in record:
+            raise SourceError(f"{where}: no field {self.spec.text_field!r} (fields: {', '.join(record)}); "
+                              "set prep.source.text_field")
+        return _text(record[self.spec.text_field], where, self.spec.text_field)
+
+    def _parquet_documents(self, path: Path) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        field_ = self.spec.text_field
+        try:
+            columns = pq.read_schema(path).names
+            if field_ not in columns:
+                raise SourceError(f"{path}: no column {field_!r} (columns: {', '.join(columns)}); "
+                                  "set prep.source.text_field")
+            texts = pq.read_table(path, columns=[field_]).column(field_).to_pylist()
+        except pa.ArrowException as e:
+            raise SourceError(f"cannot read {path} as parquet: {e}") from None
+        for row, text in enumerate(texts):
+            yield _text(text, f"{path}: row {row}", field_)
 
     def _files(self, split, start, stop):
         docs = (d for path in self._split_files(split) for d in self._file_documents(path))
         return islice(docs, start, stop)
+
+    def _hf_name(self) -> str:
+        files = f" from {', '.join(map(str, _flat(self.spec.data_files.values())))}" if self.spec.data_files else ""
+        return f"dataset {self.spec.path!r}" + (f" (config {self.spec.name})" if self.spec.name else "") + files
 
     def _hf_dataset(self, split):
         import datasets
@@ -131,8 +174,14 @@ class Source:
         try:
             return datasets.load_dataset(self.spec.path, self.spec.name, split=expr, streaming=self.spec.streaming,
                                          data_files=self.spec.data_files, revision=self.spec.revision)
+        except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub", offline mode included
+            raise SourceError(f"cannot load {self._hf_name()}: the Hugging Face Hub could not be reached and it is not "
+                              f"in the local cache ({first_line(e)}); run once with network access, or unset "
+                              "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE") from None
         except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise SourceError(f"cannot load dataset {self.spec.path!r} (config {self.spec.name}, split {expr!r}): {e}") from None
+            raise SourceError(f"cannot load {self._hf_name()}, split {expr!r}: {first_line(e)}") from None
+        except datasets.exceptions.DatasetGenerationError as e:  # a garbled file: the cause says what is wrong
+            raise SourceError(f"cannot read {self._hf_name()}: {first_line(e.__cause__ or e)}") from None
 
     def _hf(self, split, start, stop):
         ds = self._hf_dataset(split)
@@ -144,11 +193,20 @@ class Source:
             rows = iter(ds)
         else:
             if field_ not in ds.column_names:
-                raise SourceError(f"dataset has no column {field_!r} (columns: {', '.join(ds.column_names)})")
+                raise SourceError(f"{self._hf_name()} has no column {field_!r} (columns: {', '.join(ds.column_names)}); "
+                                  "set prep.source.text_field")
             stop = len(ds) if stop is None else min(stop, len(ds))
             rows = (ds[i] for i in range(start, stop)) if start < stop else iter(())
-        for row in rows:
-            yield row[field_]
+        try:
+            for index, row in enumerate(rows, start):
+                if field_ not in row:
+                    raise SourceError(f"{self._hf_name()}, row {index}: no column {field_!r} (columns: "
+                                      f"{', '.join(row)}); set prep.source.text_field")
+                yield _text(row[field_], f"{self._hf_name()}, row {index}", field_)
+        except SourceError:
+            raise
+        except ValueError as e:  # streaming reads lazily: a garbled file shows up here (pyarrow raises ValueErrors)
+            raise SourceError(f"cannot read {self._hf_name()}: {first_line(e)}") from None
 
     # ---- sizes and identity ----------------------------------------------------------------
     def num_documents(self, split: str) -> int | None:

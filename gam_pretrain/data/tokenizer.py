@@ -1,8 +1,17 @@
 """BPE tokenizers trained with Hugging Face `tokenizers`.
 
-- `bpe-whitespace`: the paper's choice: split on whitespace and punctuation, then BPE. Decoding
-  cannot restore the original spacing (words come back separated by single spaces).
+- `bpe-whitespace`: the paper's tokenizer (github.com/rishiraj/gam, benchmark.py): split on
+  whitespace and punctuation, then BPE with no end-of-word suffix. Decoding cannot restore the
+  original spacing: tokens come back separated by single spaces, also inside a word split into
+  several tokens.
 - `bpe-bytelevel`: GPT-2 style byte-level BPE; never produces <unk> and decodes text exactly.
+
+Training is deterministic: the same texts give the same tokenizer.json in every process. That is
+why neither kind has an end-of-word suffix or a continuing-subword prefix: `tokenizers` numbers
+such affixed tokens in hash-map order, which differs per process, and breaks ties between equally
+frequent merges by token id, so the ids and even the merges would differ between two runs
+(huggingface/tokenizers#1794). Without affixes every initial token is a character of the sorted
+alphabet, and ties break the same way every time.
 """
 from __future__ import annotations
 
@@ -11,18 +20,17 @@ from typing import Iterable, Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..files import first_line
+
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>"]
 TokenizerKind = Literal["bpe-whitespace", "bpe-bytelevel"]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, kind: TokenizerKind) -> Tokenizer:
     if kind == "bpe-whitespace":
-        tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.decoder = decoders.BPEDecoder(suffix="</w>")
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, end_of_word_suffix="</w>", show_progress=False
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     elif kind == "bpe-bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,14 +58,25 @@ def eos_id(tokenizer: Tokenizer) -> int | None:
     return None
 
 
+def tokenizer_from_bytes(data: bytes, path: str | Path) -> Tokenizer:
+    """A tokenizers JSON document; garbled bytes raise one line naming `path`."""
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+        raise ValueError(f"{path} is not a tokenizers JSON file (truncated or garbled?): {first_line(e)}") from None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A `tokenizers` JSON file, or a directory with a GPT-2 style byte-level BPE (vocab.json + merges.txt)."""
     path = Path(path)
     if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        try:
+            tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+            raise ValueError(f"{path}: vocab.json + merges.txt do not load as a BPE: {first_line(e)}") from None
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return tok
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path} (a tokenizer.json, or a folder with vocab.json + merges.txt)")
-    return Tokenizer.from_file(str(path))
+    return tokenizer_from_bytes(path.read_bytes(), path)

@@ -12,7 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..files import read_json
 from ..train.checkpoint import complete_checkpoints
+from ..train.summary import SUMMARY, read_summary
 from .submit import LAUNCH_RECORD
 
 
@@ -22,9 +24,11 @@ def _jsonl(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill mid-write
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
@@ -49,11 +53,22 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def run_state(attempts: list[dict]) -> str:
+    """From the last event in attempts.jsonl: finished, preempted at step N (checkpoint written,
+    waiting for its requeue or a relaunch), started (running, or stopped without a record), not started."""
+    last = attempts[-1].get("event") if attempts else None
+    if last == "finished":
+        return "finished"
+    if last == "preempted":
+        return f"preempted at step {attempts[-1].get('step')}"
+    return "started" if any(a.get("event") == "start" for a in attempts) else "not started"
+
+
 def run_status(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
-    launches = json.loads((run_dir / LAUNCH_RECORD).read_text()) if (run_dir / LAUNCH_RECORD).is_file() else []
+    launches = read_json(run_dir / LAUNCH_RECORD) if (run_dir / LAUNCH_RECORD).is_file() else []
     attempts = _jsonl(run_dir / "attempts.jsonl")
     starts = [a for a in attempts if a.get("event") == "start"]
     steps = [m for m in _jsonl(run_dir / "metrics.jsonl") if "loss" in m and "step" in m]
@@ -68,11 +83,11 @@ def run_status(run_dir: str | Path) -> dict:
         eta_s = (total_steps - step) * starts[-1]["tokens_per_step"] / tokens_per_s
     job_ids = [str(entry["job_id"]) for entry in launches if entry.get("cluster") == "slurm"]
     states = slurm_states(job_ids)
-    summary = json.loads((run_dir / "summary.json").read_text()) if finished and (run_dir / "summary.json").is_file() else {}
+    summary = read_summary(run_dir) if finished and (run_dir / SUMMARY).is_file() else {}
     return {
         "run_dir": str(run_dir),
         "jobs": [{"job_id": j, "state": states.get(j, "unknown")} for j in job_ids],
-        "state": "finished" if finished else ("started" if starts else "not started"),
+        "state": run_state(attempts),
         "step": step, "total_steps": total_steps, "tokens": last.get("tokens"),
         "tokens_per_s": tokens_per_s, "eta_s": eta_s,
         "last_checkpoint": str(checkpoints[-1][1]) if checkpoints else None,

@@ -2,7 +2,8 @@
 
 Everything a job needs travels pickled (the resolved config, paths), never through the shell;
 every value that does reach the sbatch script (job name, partition, folders, extra arguments) is
-shell-quoted by the renderer. `--dry-run` prints the exact scripts and submits nothing.
+one line of text (config validation refuses control characters, and the renderer checks again)
+and shell-quoted by the renderer. `--dry-run` prints the exact scripts and submits nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ..config import ConfigError, LaunchConfig, RunConfig, to_dict
+from ..config import ConfigError, LaunchConfig, RunConfig, control_characters, to_dict
+from ..data.prep import check_prep_config
+from ..files import read_json, write_atomic
 from .jobs import TrainJob, prep_finalize_job, prep_plan_job, prep_units_job
 
 LAUNCH_RECORD = "launch.json"
@@ -57,6 +60,19 @@ def slurm_parameters(launch: LaunchConfig, job_name: str, ntasks_per_node: int, 
     return params
 
 
+def check_script_values(params: dict, folder: Path, python: str) -> None:
+    """Every value the renderer writes into the script is one line: a newline would leave its quoting
+    (config validation names the key first; this also covers derived values such as folders)."""
+    values = [("folder", str(folder)), ("launch.python", python), *params.items(),
+              *params["additional_parameters"].items(),
+              *((f"sbatch option {key}", key) for key in params["additional_parameters"])]
+    for name, value in values:
+        for line in value if isinstance(value, list) else [value]:
+            if isinstance(line, str) and (bad := control_characters(line)):
+                raise ConfigError(f"{name} holds control character(s) {', '.join(bad)}: {line!r}; every value "
+                                  "written into an sbatch script must be one line")
+
+
 NO_SBATCH = ("sbatch not found: SLURM is not installed here or not on PATH. "
              "Use --launch.cluster local to run on this machine, or launch from a SLURM login node.")
 
@@ -82,9 +98,11 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str, ntasks_per_
         def affinity(cls) -> int:
             return 1
 
+    params = slurm_parameters(launch, job_name, ntasks_per_node, extra)
+    check_script_values(params, folder, launch.python)
     python = shlex.quote(launch.python) if launch.python else None
     executor = (RenderOnly if dry_run else submitit.SlurmExecutor)(folder=folder, python=python)
-    executor.update_parameters(**slurm_parameters(launch, job_name, ntasks_per_node, extra))
+    executor.update_parameters(**params)
     return executor
 
 
@@ -119,9 +137,11 @@ def map_array(executor, fn, *iterables):
 
 def _record(run_dir: Path, entry: dict) -> None:
     path = run_dir / LAUNCH_RECORD
-    records = json.loads(path.read_text()) if path.is_file() else []
+    records = read_json(path) if path.is_file() else []
+    if not isinstance(records, list):
+        raise ValueError(f"{path} is not a list of launches (garbled?)")
     records.append(entry)
-    path.write_text(json.dumps(records, indent=1))
+    write_atomic(path, json.dumps(records, indent=1))
 
 
 def launch_train(cfg: RunConfig, dry_run: bool = False, log=print):
@@ -160,6 +180,7 @@ def launch_prep(prep_cfg, out_dir: str | Path, launch: LaunchConfig, dry_run: bo
     n = launch.array_tasks
     if n < 1:
         raise ConfigError(f"launch.array_tasks must be at least 1, got {n}")
+    check_prep_config(prep_cfg)  # here, not first in the plan job an hour later
 
     def executor(suffix: str, dependency: str | None):
         extra = {"dependency": dependency, "kill-on-invalid-dep": "yes"} if dependency else None

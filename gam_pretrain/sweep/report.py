@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import read_json, write_atomic
+from ..train.summary import SUMMARY, read_summary
 from .fit import FitError, compute_optimal, fit_law, flops_model, isoflop_minimum
 from .runner import RUN_RECORD
 
@@ -17,11 +19,11 @@ def collect(sweep_dir: str | Path, params: str = "non_embedding") -> list[dict]:
     """One point per (family, width, budget): the best learning rate, then the mean over seeds."""
     runs = []
     for record in sorted(Path(sweep_dir).glob(f"runs/*/{RUN_RECORD}")):
-        summary_file = record.parent / "summary.json"
+        summary_file = record.parent / SUMMARY
         if not summary_file.is_file():
             continue
-        run = json.loads(record.read_text())
-        summary = json.loads(summary_file.read_text())
+        run = read_json(record)
+        summary = read_summary(summary_file)
         if not math.isfinite(summary.get("val_loss", float("nan"))):
             continue
         run["val_loss"] = summary["val_loss"]
@@ -143,5 +145,5 @@ def write_outputs(result: dict, out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fit.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out_dir / "fit.json", json.dumps(result, indent=1))
     return [out_dir / "fit.json", *plot_all(result, out_dir)]

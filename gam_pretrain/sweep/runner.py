@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 
 from ..config import config_from_dict, to_dict
+from ..files import read_json, write_atomic
 from ..train.checkpoint import complete_checkpoints
+from ..train.summary import SUMMARY, read_summary
 from .spec import SweepRun, SweepSpec
 
 RUN_RECORD = "sweep_run.json"
@@ -21,9 +23,9 @@ RUN_RECORD = "sweep_run.json"
 
 def run_state(run: SweepRun) -> dict:
     run_dir = run.run_dir
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return {"state": "done", "step": summary["steps"], "val_loss": summary.get("val_loss")}
+    if (run_dir / SUMMARY).is_file():
+        summary = read_summary(run_dir)
+        return {"state": "done", "step": summary.get("steps"), "val_loss": summary.get("val_loss")}
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         return {"state": "partial", "step": checkpoints[-1][0], "val_loss": None}
@@ -33,13 +35,13 @@ def run_state(run: SweepRun) -> dict:
 def write_run_record(run: SweepRun) -> None:
     """What `fit` reads besides summary.json: family, width, budget, parameters, FLOPs per token."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / RUN_RECORD).write_text(json.dumps(run.describe(), indent=1))
+    write_atomic(run.run_dir / RUN_RECORD, json.dumps(run.describe(), indent=1))
 
 
 def write_records(spec: SweepSpec, runs: list[SweepRun]) -> None:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"name": spec.name, "runs": [r.describe() for r in runs]}, indent=1))
+    write_atomic(out / "sweep.json", json.dumps({"name": spec.name, "runs": [r.describe() for r in runs]}, indent=1))
     for run in runs:
         write_run_record(run)
 
@@ -115,9 +117,9 @@ def run_slurm(spec: SweepSpec, runs: list[SweepRun], dry_run: bool = False, log=
     prepare_data(spec, todo, log=log)
     jobs = submit_to_slurm("sweep job array", lambda: map_array(executor, run_array_job, [to_dict(r.config) for r in todo]))
     record = Path(spec.out_dir) / "launch.json"
-    entries = json.loads(record.read_text()) if record.is_file() else []
+    entries = read_json(record) if record.is_file() else []
     entries.append({"array_job_id": str(jobs[0].job_id).split("_")[0], "runs": [r.config.train.run_name for r in todo]})
-    record.write_text(json.dumps(entries, indent=1))
+    write_atomic(record, json.dumps(entries, indent=1))
     log(f"submitted job array {entries[-1]['array_job_id']} ({len(todo)} tasks); logs in {folder}")
     return jobs
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, RunConfig, apply_dict, read_yaml_mapping, to_dict, validate
+from ..config import ConfigError, RunConfig, apply_dict, check_plain_text, read_yaml_mapping, to_dict, validate
 from .ladder import FAMILIES, Rung, measure, rung_config
 
 
@@ -95,6 +95,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def check_spec(spec: SweepSpec) -> SweepSpec:
+    check_plain_text(spec)  # name and out_dir become folders and job names in sbatch scripts
     unknown = [f for f in spec.families if f not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown families {unknown}; valid: {', '.join(FAMILIES)}")

@@ -73,6 +73,36 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
+def require_process_group(engine_kind: str) -> None:
+    """ddp, fsdp2 and deepspeed run in the processes a launcher starts (even one: FSDP2 and DeepSpeed
+    need its process group). A plain process would end in torch's raw 'environment variable RANK
+    expected', or train as the single engine under another name."""
+    if engine_kind in ("ddp", "fsdp2", "deepspeed") and not dist.is_initialized():
+        raise ValueError(f"engine.kind={engine_kind} needs a distributed launch: run it under torchrun "
+                         "(torchrun --nproc_per_node N -m gam_pretrain train ...), srun, or `gam-pretrain launch "
+                         "train`; or use engine.kind=single")
+
+
+def decided_on_main(decide, info: DistInfo):
+    """decide() run on rank 0, its result returned on every rank. An error it raises is raised on
+    every rank, so no rank goes on to a collective that rank 0 will never join."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = decide()
+        except Exception as e:  # noqa: BLE001 - whatever stops rank 0 must stop the others too
+            if info.world_size == 1:
+                raise
+            error = e
+    if info.world_size > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise error
+    return result
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()

@@ -1,6 +1,8 @@
 """The training loop. It knows nothing about how a step is executed: that is the engine's job."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -23,12 +25,15 @@ from ..data import ShardLoader, ShardSet
 from ..data.cache import check_data_available, open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, barrier, init_distributed
+from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, barrier, decided_on_main, init_distributed, require_process_group
 from .engines import Engine, build_engine, model_state_bytes
 from .metrics import MetricsLogger
 from .perf import peak_flops
 from .preemption import Preempted, PreemptionFlag
+from .summary import SUMMARY, read_summary, write_summary
+
+LOCK = ".lock"
 
 
 @dataclass
@@ -72,6 +77,42 @@ def make_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     return run_dir
+
+
+def _lock(run_dir: Path, log):
+    """An exclusive, non-blocking flock on <run_dir>/.lock (released when the file is closed, or by
+    the kernel when the process dies). Returns the open file, or None where the filesystem has no locks."""
+    f = open(run_dir / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"run dir {run_dir} is in use by another training process (it holds {run_dir / LOCK}); "
+                         "wait for it to finish, or train into another train.run_name") from None
+    except OSError as e:
+        f.close()
+        log(f"warning: cannot lock {run_dir / LOCK} ({e.strerror}): nothing stops a second run sharing this dir")
+        return None
+    return f
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, dist: DistInfo, log):
+    """Rank 0 holds the run directory's lock while train() works in it: a second run into the same
+    directory is refused, on every rank, instead of interleaving its checkpoints and logs."""
+    held = []
+    decided_on_main(lambda: held.append(_lock(run_dir, log)), dist)
+    try:
+        yield
+    finally:
+        for f in held:
+            if f is not None:
+                f.close()
+
+
+def count_total_steps(t, steps_per_epoch: float) -> int:
+    """The schedule's length: train.max_steps, else train.epochs worth of steps; never below 1."""
+    return t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
 def record_attempt(run_dir: Path, event: dict) -> None:
@@ -118,14 +159,12 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     validate(cfg)
     probe = resolve_device(cfg.train.device)
     dist = init_distributed(probe.type)
+    require_process_group(cfg.engine.kind)
     device = resolve_device(cfg.train.device, dist)
     say = log if dist.is_main else (lambda *a, **k: None)
-    check_data_available(cfg.data, cfg.model)  # on every rank: none may wait at the barrier for a rank 0 that stopped
-    if dist.is_main:
-        data = open_training_data(cfg.data, cfg.model, log=say)
-    barrier()
-    if not dist.is_main:
-        data = open_training_data(cfg.data, cfg.model, log=say)
+    check_data_available(cfg.data, cfg.model)
+    # rank 0 opens (and, with data.prep_if_missing, preps) and checks the data; its error stops every rank
+    data = decided_on_main(lambda: open_training_data(cfg.data, cfg.model, log=say), dist)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
@@ -137,127 +176,139 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     loader = ShardLoader(data, "train", t.micro_batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers)
     steps_per_epoch = loader.batches_per_epoch / t.grad_accum
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    total_steps = count_total_steps(t, steps_per_epoch)
     tokens_per_step = cfg.tokens_per_step(dist.world_size)
-
     run_dir = make_run_dir(cfg, dist)
-    fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model), "world_size": dist.world_size,
-                    "engine": to_dict(cfg.engine), "batch_size": t.batch_size, "grad_accum": t.grad_accum}
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
-    elif cfg.checkpoint.resume not in ("never", ""):
-        resume_from = Path(cfg.checkpoint.resume)
-    start_step, history, train_seconds = 0, [], 0.0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, engine, dist, expect=fingerprints)
-        loader.load_state_dict(state["loader"])
-        start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
-        say(f"resumed from {resume_from} at step {start_step}")
-    if dist.is_main:
-        dump_yaml(cfg, run_dir / "config.yaml")
-        record_attempt(run_dir, {"event": "start", "start_step": start_step, "total_steps": total_steps,
-                                 "tokens_per_step": tokens_per_step, "world_size": dist.world_size,
-                                 "resumed_from": str(resume_from) if resume_from else None})
-    metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
-    peak = peak_flops(device, t.peak_flops)
-    say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} steps "
-        f"of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {dist.world_size} x {device}, "
-        f"engine {cfg.engine.kind}; run dir {run_dir}")
+    with run_dir_lock(run_dir, dist, say):
+        o = cfg.optim
+        fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model),
+                        "world_size": dist.world_size, "engine": to_dict(cfg.engine), "batch_size": t.batch_size,
+                        "grad_accum": t.grad_accum,
+                        # what the learning-rate schedule depends on: a resume must not change it
+                        "total_steps": total_steps, "optim": {"lr": o.lr, "warmup_steps": o.warmup_steps,
+                                                              "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}}
+        # rank 0 verifies the candidates (hashing their files once) and every rank gets its choice
+        found = decided_on_main(lambda: find_resume_checkpoint(run_dir, cfg.checkpoint.resume, log=say), dist)
+        resume_from = found[0] if found else None
+        start_step, history, train_seconds = 0, [], 0.0
+        if found:
+            state = load_checkpoint(resume_from, engine, dist, found[1], expect=fingerprints)
+            loader.load_state_dict(state["loader"])
+            start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+            if start_step == total_steps and (run_dir / SUMMARY).is_file():
+                say(f"{run_dir} has finished already ({run_dir / SUMMARY}); nothing to do")
+                return RunResult(run_dir, read_summary(run_dir), engine.eval_model(), data, engine)
+            say(f"resumed from {resume_from} at step {start_step}")
+        if dist.is_main:
+            dump_yaml(cfg, run_dir / "config.yaml")
+            record_attempt(run_dir, {"event": "start", "start_step": start_step, "total_steps": total_steps,
+                                     "tokens_per_step": tokens_per_step, "world_size": dist.world_size,
+                                     "resumed_from": str(resume_from) if resume_from else None})
+        metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
+        peak = peak_flops(device, t.peak_flops)
+        say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} "
+            f"steps of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {dist.world_size} x "
+            f"{device}, engine {cfg.engine.kind}; run dir {run_dir}")
 
-    def trainer_state(step: int) -> dict:
-        return {"step": step, "tokens": step * tokens_per_step, "loader": loader.state_dict(), "history": history,
-                "train_seconds": train_seconds, "arch": cfg.model.arch, "params": n_params,
-                "data_path": str(data.path.resolve()), **fingerprints}
+        def trainer_state(step: int) -> dict:
+            return {"step": step, "tokens": step * tokens_per_step, "loader": loader.state_dict(),
+                    "history": history, "train_seconds": train_seconds, "arch": cfg.model.arch, "params": n_params,
+                    "data_path": str(data.path.resolve()), **fingerprints}
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(run_dir, step, engine, trainer_state(step), dist, cfg.checkpoint.keep_last,
-                               cfg.checkpoint.keep_every)
+        def checkpoint(step: int) -> Path:
+            return save_checkpoint(run_dir, step, engine, trainer_state(step), dist, cfg.checkpoint.keep_last,
+                                   cfg.checkpoint.keep_every)
 
-    def run_eval(step: int) -> dict:
-        result = evaluate(engine.eval_model(), data, "validation", t.micro_batch_size, device, engine.autocast,
-                          t.eval_batches)
-        metrics.log({"step": step, **result})
-        return result
+        def run_eval(step: int) -> dict:
+            result = evaluate(engine.eval_model(), data, "validation", t.micro_batch_size, device, engine.autocast,
+                              t.eval_batches)
+            metrics.log({"step": step, **result})
+            return result
 
-    progress = None
-    if t.progress and dist.is_main:
-        from tqdm.auto import tqdm
+        progress = None
+        if t.progress and dist.is_main:
+            from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc=cfg.model.arch, unit="step", dynamic_ncols=True)
+            progress = tqdm(total=total_steps, initial=start_step, desc=cfg.model.arch, unit="step",
+                            dynamic_ncols=True)
 
-    preemption = PreemptionFlag()
-    last_save = time.monotonic()
-    window_tokens, window_start = 0, time.perf_counter()
-    try:
-        for step in range(start_step, total_steps):
-            step_start = time.perf_counter()
-            batches = [loader.next_batch() for _ in range(t.grad_accum)]
-            step_result = engine.train_step(batches, step, total_steps)
-            loss = step_result.loss
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-            train_seconds += time.perf_counter() - step_start
-            window_tokens += tokens_per_step
-            history.append(loss)
-            done = step + 1
-            if done % t.log_interval == 0 or done == total_steps:
-                tps = window_tokens / (time.perf_counter() - window_start)
-                mem = gather_floats(memory_mb(device), device, dist)
-                metrics.log({"step": done, "loss": loss, "lr": step_result.lr, "grad_norm": step_result.grad_norm,
-                             "tokens_per_s": tps, "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
-                             "tokens": done * tokens_per_step, "memory_mb": mem})
-                window_tokens, window_start = 0, time.perf_counter()
+        preemption = PreemptionFlag()
+        last_save = time.monotonic()
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            for step in range(start_step, total_steps):
+                step_start = time.perf_counter()
+                batches = [loader.next_batch() for _ in range(t.grad_accum)]
+                step_result = engine.train_step(batches, step, total_steps)
+                loss = step_result.loss
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower optim.lr or check the "
+                                             "data")
+                train_seconds += time.perf_counter() - step_start
+                window_tokens += tokens_per_step
+                history.append(loss)
+                done = step + 1
+                if done % t.log_interval == 0 or done == total_steps:
+                    tps = window_tokens / (time.perf_counter() - window_start)
+                    mem = gather_floats(memory_mb(device), device, dist)
+                    metrics.log({"step": done, "loss": loss, "lr": step_result.lr,
+                                 "grad_norm": step_result.grad_norm, "tokens_per_s": tps,
+                                 "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
+                                 "tokens": done * tokens_per_step, "memory_mb": mem})
+                    window_tokens, window_start = 0, time.perf_counter()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            if progress is not None:
-                progress.update(1)
-            if t.eval_interval and done % t.eval_interval == 0 and done < total_steps:
-                run_eval(done)
-                window_start = time.perf_counter()
-            if done == total_steps:
-                break
-            c = cfg.checkpoint
-            due_steps = bool(c.interval_steps) and done % c.interval_steps == 0
-            due_time = bool(c.interval_minutes) and time.monotonic() - last_save >= 60 * c.interval_minutes
-            preempt, due_time = agree([preemption.requested, due_time], device, dist)
-            if due_steps or due_time or preempt:
-                checkpoint(done)
-                last_save = time.monotonic()
-            if preempt:
-                say(f"preemption signal: checkpoint at step {done} written; exiting for requeue")
-                if dist.is_main:
-                    record_attempt(run_dir, {"event": "preempted", "step": done, "signal": preemption.name})
-                raise Preempted(done)
-            if done == t.stop_at_step:
-                if not (due_steps or due_time):
+                    progress.update(1)
+                if t.eval_interval and done % t.eval_interval == 0 and done < total_steps:
+                    run_eval(done)
+                    window_start = time.perf_counter()
+                if done == total_steps:
+                    break
+                c = cfg.checkpoint
+                due_steps = bool(c.interval_steps) and done % c.interval_steps == 0
+                due_time = bool(c.interval_minutes) and time.monotonic() - last_save >= 60 * c.interval_minutes
+                preempt, due_time = agree([preemption.requested, due_time], device, dist)
+                if due_steps or due_time or preempt:
                     checkpoint(done)
-                say(f"stopped at step {done} (train.stop_at_step); resume to continue")
-                metrics.close()
-                return RunResult(run_dir, {"stopped_at": done, "loss_curve": history}, engine.eval_model(), data, engine)
-    finally:
-        preemption.restore()
-        if progress is not None:
-            progress.close()
+                    last_save = time.monotonic()
+                if preempt:
+                    say(f"preemption signal: checkpoint at step {done} written; exiting for requeue")
+                    if dist.is_main:
+                        record_attempt(run_dir, {"event": "preempted", "step": done, "signal": preemption.name})
+                    raise Preempted(done)
+                if done == t.stop_at_step:
+                    if not (due_steps or due_time):
+                        checkpoint(done)
+                    say(f"stopped at step {done} (train.stop_at_step); resume to continue")
+                    metrics.close()
+                    return RunResult(run_dir, {"stopped_at": done, "loss_curve": history}, engine.eval_model(), data,
+                                     engine)
+        finally:
+            preemption.restore()
+            if progress is not None:
+                progress.close()
 
-    last_eval = run_eval(total_steps)
-    final = checkpoint(total_steps)
-    full = engine.full_state_dict()
-    state_bytes = gather_floats(float(model_state_bytes(engine)), device, dist)
-    summary = {
-        "arch": cfg.model.arch, "params": n_params, "flops_per_token": flops_per_token, "steps": total_steps,
-        "tokens": total_steps * tokens_per_step, "train_seconds": train_seconds,
-        # train_seconds adds up every attempt's training time (it is checkpointed), so count every step
-        "tokens_per_s": total_steps * tokens_per_step / max(train_seconds, 1e-9),
-        "peak_flops": peak, "mfu": total_steps * tokens_per_step * flops_per_token / max(train_seconds, 1e-9) / peak,
-        "final_train_loss": history[-1] if history else float("nan"), **last_eval, "device": str(device),
-        "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
-        "model_state_bytes_per_rank": [int(b) for b in state_bytes],
-        "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
-        "loss_curve": history,
-    }
-    if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        record_attempt(run_dir, {"event": "finished", "step": total_steps})
-    metrics.close()
-    return RunResult(run_dir, summary, engine.eval_model(), data, engine)
+        # the final checkpoint first: a failure in the final eval must not cost the run's compute
+        final = checkpoint(total_steps) if start_step < total_steps else resume_from
+        last_eval = run_eval(total_steps)
+        full = engine.full_state_dict()
+        state_bytes = gather_floats(float(model_state_bytes(engine)), device, dist)
+        summary = {
+            "arch": cfg.model.arch, "params": n_params, "flops_per_token": flops_per_token, "steps": total_steps,
+            "tokens": total_steps * tokens_per_step, "train_seconds": train_seconds,
+            # train_seconds adds up every attempt's training time (it is checkpointed), so count every step
+            "tokens_per_s": total_steps * tokens_per_step / max(train_seconds, 1e-9),
+            "peak_flops": peak,
+            "mfu": total_steps * tokens_per_step * flops_per_token / max(train_seconds, 1e-9) / peak,
+            "final_train_loss": history[-1] if history else float("nan"), **last_eval, "device": str(device),
+            "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
+            "model_state_bytes_per_rank": [int(b) for b in state_bytes],
+            "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
+            "loss_curve": history,
+        }
+        if dist.is_main:
+            write_summary(run_dir, summary)
+            record_attempt(run_dir, {"event": "finished", "step": total_steps})
+        metrics.close()
+        return RunResult(run_dir, summary, engine.eval_model(), data, engine)

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 
 from ...config import RunConfig
+from ...files import first_line
+from ..checkpoint import CheckpointError, load_torch_file
 from ..distributed import DistInfo
 from .base import Engine
 
@@ -31,9 +33,12 @@ class SingleEngine(Engine):
                        directory / WEIGHTS)
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / WEIGHTS, map_location=self.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_torch_file(directory / WEIGHTS, map_location=self.device)
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # intact file, other contents
+            raise CheckpointError(f"{directory / WEIGHTS} does not fit this model ({first_line(e)})") from None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}

@@ -14,10 +14,60 @@ import torch
 import torch.nn as nn
 
 from ...config import RunConfig
+from ...files import first_line
+from ..checkpoint import CheckpointError, load_torch_file
 from ..distributed import DistInfo
 from .base import Batch, Engine, StepResult, uses_bf16
 
 TAG = "deepspeed"
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and plain data (found
+    in ZeRO 0-3 checkpoints, fp32 and bf16): plain records whose construction runs no code.
+    DynamicLossScaler is what fp16 (through engine.deepspeed_extra) stores in LossScaler's place."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _TorchWithSafeLoad:
+    """The torch module as zero_to_fp32 sees it while we merge: the same, except that load() is
+    weights_only with DeepSpeed's allow-list (zero_to_fp32 calls torch.load(weights_only=False))."""
+
+    def __init__(self, allowed: list):
+        self.allowed = allowed
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def load(self, f, map_location=None, weights_only=None, **kwargs):
+        return load_torch_file(f, map_location=map_location, allowed=self.allowed, **kwargs)
+
+
+def read_zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model merged from a ZeRO checkpoint's partitions by DeepSpeed's zero_to_fp32,
+    offline and at any world size; nothing in the files can run code."""
+    from deepspeed.utils import zero_to_fp32
+
+    if not list((checkpoint / TAG).glob("*_optim_states.pt")):
+        # ZeRO stage 0 partitions nothing (zero_to_fp32 reads stages 1-3): the module's weights as
+        # they are, in the precision they trained in (bf16 ones keep their fp32 masters elsewhere)
+        states = load_torch_file(checkpoint / TAG / "mp_rank_00_model_states.pt", allowed=deepspeed_safe_globals())
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise CheckpointError(f"{checkpoint / TAG / 'mp_rank_00_model_states.pt'} holds no model weights")
+        return states["module"]
+    zero_to_fp32.torch = _TorchWithSafeLoad(deepspeed_safe_globals())
+    try:
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a checkpoint that loads but is not what zero_to_fp32 expects
+        raise CheckpointError(f"{checkpoint / TAG} is not a readable ZeRO checkpoint ({first_line(e)})") from None
+    finally:
+        zero_to_fp32.torch = torch
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -125,8 +175,16 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+        # DeepSpeed reads every file through its checkpoint engine's load(), which calls
+        # torch.load(weights_only=False): for this call only, that method reads weights_only.
+        files = self.model.checkpoint_engine
+        allowed = deepspeed_safe_globals()
+        files.load = lambda path, map_location=None: load_torch_file(path, map_location, allowed)
+        try:
+            path, _ = self.model.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            del files.load  # the class's own method again
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
 
