@@ -408,6 +408,20 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"invalid value {value!r} for '{key}': expected {hint.__name__}")
 
 
+MUST_BE_POSITIVE = ("model.vocab_size", "model.block_size", "model.d_model", "model.n_layers", "model.memory_slots",
+                    "model.conv_kernel", "model.n_heads", "train.batch_size", "train.grad_accum", "train.log_interval")
+MAY_BE_ZERO = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.eval_interval", "train.eval_batches",
+               "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.min_lr_ratio", "optim.eps",
+               "checkpoint.interval_steps", "checkpoint.interval_minutes", "checkpoint.keep_last",
+               "checkpoint.keep_every", "data.num_workers", "data.prep_workers", "launch.nodes",
+               "launch.tasks_per_node", "launch.gpus_per_node", "launch.cpus_per_task", "launch.mem_gb",
+               "launch.time_minutes", "launch.signal_delay_s", "launch.max_requeues")
+
+
+def value_at(cfg: Any, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Checks values that are well-typed but impossible; raises ConfigError."""
     from .models import REGISTRY
@@ -417,16 +431,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.data.dir and cfg.data.recipe not in recipe_names():
         raise ConfigError(f"invalid value {cfg.data.recipe!r} for 'data.recipe'; valid choices: "
                           f"{', '.join(recipe_names())} (or set data.dir to a prepared folder)")
-    positive = {
-        "model.vocab_size": cfg.model.vocab_size, "model.block_size": cfg.model.block_size,
-        "model.d_model": cfg.model.d_model, "model.n_layers": cfg.model.n_layers,
-        "model.memory_slots": cfg.model.memory_slots, "model.conv_kernel": cfg.model.conv_kernel,
-        "model.n_heads": cfg.model.n_heads, "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum, "train.log_interval": cfg.train.log_interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be positive, got {value}")
+    for key in MUST_BE_POSITIVE:
+        if not value_at(cfg, key) > 0:
+            raise ConfigError(f"'{key}' must be positive, got {value_at(cfg, key)}")
     if cfg.model.arch == "transformer" and cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})")
     if cfg.train.batch_size % cfg.train.grad_accum:
@@ -454,24 +461,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             # DeepSpeed reads universal checkpoints with torch.load(weights_only=False): code in a file would run
             raise ConfigError("'engine.deepspeed_extra' sets checkpoint.load_universal, which unpickles arbitrary "
                               "objects; gam-pretrain refuses it (resume from our own checkpoints)")
-    not_negative = {
-        "train.max_steps": cfg.train.max_steps, "train.epochs": cfg.train.epochs,
-        "train.stop_at_step": cfg.train.stop_at_step, "train.eval_interval": cfg.train.eval_interval,
-        "train.eval_batches": cfg.train.eval_batches, "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.grad_clip": cfg.optim.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.min_lr_ratio": cfg.optim.min_lr_ratio, "optim.eps": cfg.optim.eps,
-        "checkpoint.interval_steps": cfg.checkpoint.interval_steps,
-        "checkpoint.interval_minutes": cfg.checkpoint.interval_minutes,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last, "checkpoint.keep_every": cfg.checkpoint.keep_every,
-        "data.num_workers": cfg.data.num_workers, "data.prep_workers": cfg.data.prep_workers,
-        "launch.nodes": cfg.launch.nodes, "launch.tasks_per_node": cfg.launch.tasks_per_node,
-        "launch.gpus_per_node": cfg.launch.gpus_per_node, "launch.cpus_per_task": cfg.launch.cpus_per_task,
-        "launch.mem_gb": cfg.launch.mem_gb, "launch.time_minutes": cfg.launch.time_minutes,
-        "launch.signal_delay_s": cfg.launch.signal_delay_s, "launch.max_requeues": cfg.launch.max_requeues,
-    }
-    for key, value in not_negative.items():
-        if not value >= 0:  # also refuses NaN
-            raise ConfigError(f"'{key}' must be zero or positive, got {value}")
+    for key in MAY_BE_ZERO:
+        if not value_at(cfg, key) >= 0:  # also refuses NaN
+            raise ConfigError(f"'{key}' must be zero or positive, got {value_at(cfg, key)}")
     if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
         raise ConfigError(f"'optim.lr' must be a positive number, got {cfg.optim.lr}")
     for key in ("beta1", "beta2"):

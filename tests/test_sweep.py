@@ -81,7 +81,7 @@ def test_spec_expansion_is_content_addressed(tmp_path, prepared_small):
 
 
 def test_tiny_sweep_end_to_end_skips_finished_and_resumes_killed_runs(tmp_path, prepared_small):
-    spec = write_spec(tmp_path, "tiny", data_dir=str(prepared_small.path))
+    spec = write_spec(tmp_path, "tiny", data_dir=str(prepared_small.path), tokens=[8000, 16000])
     runs = expand(load_spec(spec))
     victim = runs[13]  # mamba d16, the larger budget: killed once it has a checkpoint
     proc = subprocess.Popen([PY, "-m", "gam_pretrain", "sweep", str(spec)], stdout=subprocess.PIPE,
