@@ -159,6 +159,8 @@ def test_train_without_prepared_data_names_the_prep_command(tmp_path):
     assert "gam-pretrain prep embedded --out" in proc.stderr and "data.prep_if_missing=true" in proc.stderr
     assert not (tmp_path / "cache").exists()
     command = proc.stderr.split("`")[1].split()[1:]  # the printed command, minus the program name
-    assert _gam(*command, "--prep.samples_per_shard", "4096", "--progress", "false").returncode == 0
+    # as printed, on a slice of the corpus (the command line is what is tested, not the prep)
+    assert _gam(*command, "--prep.source.max_documents.train", "2", "--prep.source.max_documents.validation", "1",
+                "--progress", "false").returncode == 0
     again = _gam("train", *overrides, "--print-config")
     assert again.returncode == 0

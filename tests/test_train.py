@@ -120,38 +120,3 @@ def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small
     train(load_config(None, base), log=lambda *a: None)
     with pytest.raises(CheckpointMismatchError, match="model.d_model=32, this run has model.d_model=48"):
         train(load_config(None, base + ["train.max_steps=4", "model.d_model=48"]), log=lambda *a: None)
-
-
-KILL_DURING_SAVE = """
-import os, signal, sys
-from gam_pretrain.config import load_config
-from gam_pretrain.train.engines.single import SingleEngine
-from gam_pretrain.train.loop import train
-
-original = SingleEngine.save
-def save_then_die(self, directory):
-    original(self, directory)  # engine files written...
-    if directory.name == "step_00000006.partial":
-        os.kill(os.getpid(), signal.SIGKILL)  # ...killed before the marker and the rename
-SingleEngine.save = save_then_die
-train(load_config(None, sys.argv[1:]), log=lambda *a: None)
-"""
-
-
-def test_sigkill_while_writing_a_checkpoint_never_loads_it(tmp_path, prepared_small):
-    import subprocess
-    import sys
-
-    base = tiny_run_overrides(tmp_path, prepared_small, steps=10) + ["train.eval_interval=0", "model.dropout=0.1",
-                                                                    "checkpoint.interval_steps=3"]
-    reference = train(load_config(None, base + ["train.run_name=reference"]), log=lambda *a: None)
-    victim = base + ["train.run_name=victim"]
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *victim], capture_output=True)
-    assert proc.returncode == -9
-    checkpoints = tmp_path / "victim" / "checkpoints"
-    assert (checkpoints / "step_00000006.partial" / "model_optim.pt").is_file()
-    assert latest_checkpoint(tmp_path / "victim").name == "step_00000003"
-    resumed = train(load_config(None, victim), log=lambda *a: None)
-    assert resumed.summary["params_checksum"] == reference.summary["params_checksum"]
-    assert resumed.summary["loss_curve"] == reference.summary["loss_curve"]
-    assert not (checkpoints / "step_00000006.partial").exists()  # replaced when step 6 was saved again
