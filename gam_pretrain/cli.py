@@ -17,7 +17,7 @@ from .data.prep import PrepError
 from .data.recipes import recipe_names
 from .launch.submit import LaunchError
 from .models.common import ModelConfig
-from .paper import SCALES, TABLES
+from .paper import DATASETS, MODEL_SLUGS, RECIPES, SCALES, TABLES
 from .sweep.spec import SweepSpec
 from .train.summary import SUMMARY
 
@@ -252,9 +252,16 @@ def cmd_ladder(args, overrides):
 
 
 def cmd_paper(args, overrides):
-    from .paper import run_table
+    from .paper import prep_table_data, run_table
 
-    run_table(args.table, args.scale, out_dir=args.out, overrides=overrides, datasets=args.dataset)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.prep_only:
+        for folder in prep_table_data(args.table, args.scale, args.recipe, overrides, args.dataset):
+            print(folder)
+        return
+    run_table(args.table, args.scale, recipe=args.recipe, seeds=args.seeds, out_dir=args.out, overrides=overrides,
+              datasets=args.dataset, models=args.model)
 
 
 def cmd_verify(args, overrides):
@@ -381,10 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("paper", help="re-run the paper's Table 1 or 3 and write Markdown + JSON with its numbers beside ours")
     p.add_argument("table", choices=list(TABLES), help="Table 2 is tools/bench_scaling.py")
     p.add_argument("--scale", choices=SCALES, default="cpu",
-                   help="full = the paper's setting (needs the datasets); cpu = reduced (embedded corpus); smoke = CI")
-    datasets = sorted({row[0] for rows in TABLES.values() for row in rows})
-    p.add_argument("--dataset", action="append", choices=datasets, help="only these rows")
-    p.add_argument("--out", help="output folder (default runs/paper/<table>-<scale>)")
+                   help="full = the paper's setting (needs the datasets); gpu = that on the linux_doc stand-in; cpu = reduced "
+                        "(stand-in); smoke = CI")
+    p.add_argument("--recipe", choices=RECIPES, default="paper",
+                   help="paper = the paper's models trained as its code does; fair = fair baselines, GPT-2 style recipe")
+    p.add_argument("--seeds", type=int, default=3, help="train every row with seeds 1..N (mean and spread)")
+    p.add_argument("--dataset", action="append", choices=DATASETS, help="only these rows (full scale)")
+    p.add_argument("--model", action="append", choices=MODEL_SLUGS, help="only these rows")
+    p.add_argument("--prep-only", action="store_true", help="prep the rows' data (when missing), print its folders, stop")
+    p.add_argument("--out", help="output folder, shared by both tables (default runs/paper/<scale>-<recipe>)")
     p.set_defaults(func=cmd_paper)
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")

@@ -35,7 +35,9 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = ""  # a prepared shard directory (`gam-pretrain prep`); empty: the recipe's prep in cache_dir
     recipe: str = "embedded"  # a recipe (gam_pretrain/data/recipes/) prepped with this run's block size and vocab
-    tokenizer: str = ""  # recipe override: bpe-whitespace | bpe-bytelevel | path/to/tokenizer.json
+    tokenizer: str = ""  # recipe override: bpe-whitespace | bpe-bytelevel | bpe-paper | path/to/tokenizer.json
+    tokenizer_splits: list[str] = field(default_factory=lambda: ["train"])  # splits the recipe's tokenizer is trained on; [all]: every split of the corpus (the paper's code)
+    packing: Literal["separators", "paper"] = "separators"  # separators: <eos> between documents, windows overlap by one token; paper: no separators, non-overlapping chunks (see gam_pretrain/data/prep.py)
     cache_dir: str = "runs/data"  # where recipe preps live, one folder per prep config
     prep_if_missing: bool = False  # prep the recipe here when cache_dir lacks it; false: stop, naming the prep command
     prep_workers: int = 1  # worker processes for that prep
@@ -48,9 +50,11 @@ class OptimConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
-    weight_decay: float = 0.1  # on matrices and embeddings; never on biases, norms or the SSM's A/D
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay, on the parameters `decay` names
+    decay: Literal["matrices", "all"] = "matrices"  # matrices: matrices and embeddings (never biases, norms or the SSM's A/D); all: every parameter, as the paper's AdamW(model.parameters())
     grad_clip: float = 1.0  # max global L2 norm; 0 disables
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    warmup_from_zero: bool = False  # warm-up step s trains at lr * s / warmup_steps (step 0 at lr 0), as the paper's LambdaLR; false: lr * (s + 1) / warmup_steps
     schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up: cosine decay, or constant lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
 
@@ -64,6 +68,7 @@ class TrainConfig:
     stop_at_step: int = 0  # end this launch after that step with a checkpoint; the schedule still spans max_steps
     eval_interval: int = 500  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole validation split
+    eval_mean: Literal["tokens", "batches"] = "tokens"  # val loss: token-weighted mean; batches: the mean of each batch's mean loss (the paper's evaluate)
     log_interval: int = 10  # steps between metrics lines (metrics.jsonl, wandb, progress bar)
     seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -194,6 +199,19 @@ def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) 
         raise ConfigError("set 'out': the output directory (--out DIR)")
     check_plain_text(cmd)
     return cmd
+
+
+# Run settings added after runs were first recorded (checkpoint fingerprints, sweep run names), with
+# the value every older run had: left out at that value, so older records still match.
+ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "optim.decay": "matrices",
+                          "optim.warmup_from_zero": False, "data.tokenizer_splits": ["train"],
+                          "data.packing": "separators", "train.eval_mean": "tokens"}
+
+
+def without_later_defaults(d: dict, prefix: str = "") -> dict:
+    """A (section of a) to_dict(cfg), less ADDED_SINCE_FIRST_RUNS keys at their old values."""
+    return {k: without_later_defaults(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
+            if ADDED_SINCE_FIRST_RUNS.get(f"{prefix}{k}", object()) != v}
 
 
 # ---- reading and writing ------------------------------------------------------------------------

@@ -307,6 +307,7 @@ CASES = [
     C("train on a missing folder", lambda w: w.train(data=w.root / "nowhere"), 1, "nowhere"),
     C("vocabulary too small", lambda w: w.train("model.vocab_size=100"), 1, "model.vocab_size"),
     C("block size differs", lambda w: w.train("model.block_size=64"), 1, "model.block_size"),
+    C("paper packing asked of a separators prep", lambda w: w.train("data.packing=paper"), 1, "data.packing"),
     C("train on a corrupt shard", lambda w: w.train(data=Path("{data}"), run_name="c"), 1, "{shard}", corrupt_shard),
     C("train on an out-of-vocab id", lambda w: w.train(data=Path("{data}"), run_name="v"), 1, "{shard}",
       out_of_vocab_shard),

@@ -164,3 +164,21 @@ def test_train_without_prepared_data_names_the_prep_command(tmp_path):
                 "--progress", "false").returncode == 0
     again = _gam("train", *overrides, "--print-config")
     assert again.returncode == 0
+
+
+def test_settings_added_later_keep_older_sweep_run_names():
+    """A sweep expanded before model.init, data.packing, ... existed keeps its run names (the hash of
+    the default config is the one the code before them gave); a non-default value changes it."""
+    from gam_pretrain.config import ADDED_SINCE_FIRST_RUNS
+    from gam_pretrain.sweep.spec import content_hash
+
+    assert content_hash(RunConfig()) == "d846944c4a"
+    other = {"model.init": "torch-default", "model.mix_dropout": False, "optim.decay": "all",
+             "optim.warmup_from_zero": True, "data.tokenizer_splits": ["all"], "data.packing": "paper",
+             "train.eval_mean": "batches"}
+    assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
+    for key, value in other.items():
+        cfg = RunConfig()
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+        assert content_hash(cfg) != "d846944c4a", key

@@ -541,3 +541,265 @@ def test_garbled_manifest_and_tokenizer_are_named(prepared_small, tmp_path):
         ShardSet(data).tokenizer()
     with pytest.raises(ValueError, match=f"^{data / 'tokenizer.json'} is not a tokenizers JSON file"):
         load_tokenizer(data / "tokenizer.json")
+
+
+# ---- the paper's data pipeline: packing, tokenizer splits, bpe-paper, exclude, prep identity ---------
+PAPER_KEYS = ("packing", "tokenizer_splits")  # PrepConfig fields added with the paper's packing
+PAPER_SOURCE_KEYS = ("exclude", "missing_hint")  # SourceSpec fields added with the linux_doc recipe
+
+
+def unique_stories_spec(folder: Path, validation=STORIES[:6], extra: dict | None = None) -> SourceSpec:
+    """A files corpus: STORIES once each as train, `validation` as validation, plus the `extra` splits."""
+    folder.mkdir(exist_ok=True)
+    write_jsonl(folder / "train.jsonl", STORIES)
+    write_jsonl(folder / "validation.jsonl", validation)
+    splits = {"train": str(folder / "train.jsonl"), "validation": str(folder / "validation.jsonl")}
+    return SourceSpec(kind="files", splits={**splits, **(extra or {})})
+
+
+def paper_prep(tmp_path: Path, **overrides):
+    """block 7: chunks of 8 tokens; 7 documents per unit and 4 samples per shard, which paper packing ignores."""
+    if "source" not in overrides:
+        overrides["source"] = unique_stories_spec(tmp_path / "corpus")
+    base = dict(tokenizer="bpe-whitespace", vocab_size=200, block_size=7, documents_per_unit=7, samples_per_shard=4,
+                packing="paper")
+    return small_prep_config(**{**base, **overrides})
+
+
+def old_identity(cfg) -> dict:
+    """The prep config as the code before `packing` and `tokenizer_splits` recorded it."""
+    import dataclasses
+
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in PAPER_KEYS:
+        del d[key]
+    for key in PAPER_SOURCE_KEYS:
+        del d["source"][key]
+    return d
+
+
+def test_paper_packing_is_the_non_overlapping_chunks_of_each_whole_split(tmp_path):
+    out = tmp_path / "paper"
+    manifest = run_prep(paper_prep(tmp_path), out, **QUIET)
+    data = ShardSet(out)
+    tok = data.tokenizer()
+    for split, docs in (("train", STORIES), ("validation", STORIES[:6])):
+        ids = [i for doc in docs for i in tok.encode(doc, add_special_tokens=False).ids]  # no separators
+        n = len(ids) // 8
+        assert len(ids) % 8, f"{split}: pick a corpus whose stream leaves a remainder to drop"
+        info = manifest["splits"][split]
+        assert len(info["shards"]) == 1 and info["units"] == 1 and info["documents"] == len(docs)
+        assert info["samples"] == info["shards"][0]["samples"] == n and info["tokens"] == n * 8
+        assert data.read(info["shards"][0]).tolist() == np.asarray(ids[: n * 8]).reshape(n, 8).tolist()
+    assert manifest["prep"]["packing"] == "paper"
+    verify(out, log=lambda *a: None)
+    # separators packing of the same corpus: an <eos> after each document, windows overlapping by one token
+    sep = run_prep(paper_prep(tmp_path, packing="separators"), tmp_path / "separators", **QUIET)
+    separated = ShardSet(tmp_path / "separators")
+    eos = separated.tokenizer().token_to_id("<eos>")
+    rows = np.concatenate([separated.read(s) for s in sep["splits"]["train"]["shards"]])
+    assert (rows == eos).any() and not (data.read(manifest["splits"]["train"]["shards"][0]) == eos).any()
+    first = separated.read(sep["splits"]["train"]["shards"][0])
+    assert (first[1:, 0] == first[:-1, -1]).all() and len(sep["splits"]["train"]["shards"]) > 1
+
+
+def test_loader_serves_a_paper_packed_split_as_a_shuffle_of_its_chunks(tmp_path):
+    from collections import Counter
+
+    numbers = [" ".join(str(n) for n in range(i, i + 10)) for i in range(0, 300, 10)]  # each number one token
+    spec = unique_stories_spec(tmp_path / "corpus", validation=numbers[:3])
+    write_jsonl(tmp_path / "corpus" / "train.jsonl", numbers)
+    run_prep(paper_prep(tmp_path, source=spec, vocab_size=500), tmp_path / "paper", **QUIET)
+    data = ShardSet(tmp_path / "paper")
+    (shard,) = data.shards("train")
+    chunks = [tuple(row) for row in data.read(shard)]
+    index = {row: i for i, row in enumerate(chunks)}
+    assert len(index) == len(chunks) == 300 // 8  # every chunk tells which one it is
+    orders = []
+    for seed in (3, 4):
+        loader = ShardLoader(data, "train", 8, seed=seed, num_workers=0)
+        served = []
+        for _ in range(loader.batches_per_epoch):
+            x, y = loader.next_batch()
+            served += [tuple(r) for r in np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1).astype(np.uint16)]
+        assert not Counter(served) - Counter(chunks)  # only chunks of the split, none twice
+        assert len(served) == len(chunks) // 8 * 8
+        order = [index[row] for row in served]
+        assert order != sorted(order) and min(order[:8]) < len(chunks) // 2 <= max(order[:8])  # drawn from all of it
+        orders.append(order)
+    assert orders[0] != orders[1]
+
+
+def test_tokenizer_splits_decide_what_a_trained_tokenizer_learns(tmp_path):
+    """"honeyfish" is only in the validation text; at vocab 300 BPE runs out of merges (every word
+    of the corpus becomes one token), so the tokenizer learns it exactly when it reads validation."""
+    spec = unique_stories_spec(tmp_path / "corpus", validation=["A honeyfish swam by."] * 3)
+    learned = {}
+    for splits in (["train"], ["train", "validation"]):
+        out = tmp_path / "-".join(splits)
+        manifest = run_prep(paper_prep(tmp_path, source=spec, vocab_size=300, tokenizer_splits=splits), out, **QUIET)
+        tok = ShardSet(out).tokenizer()
+        assert tok.get_vocab_size() < 300  # saturated: a larger vocabulary would learn nothing more
+        learned[len(splits)] = tok.encode("honeyfish", add_special_tokens=False).ids
+    assert len(learned[1]) > 1 and len(learned[2]) == 1
+    assert learned[2][0] in ShardSet(tmp_path / "train-validation").read(manifest["splits"]["validation"]["shards"][0])
+    # [all]: every split the source defines (here train and validation, in that order)
+    run_prep(paper_prep(tmp_path, source=spec, vocab_size=300, tokenizer_splits=["all"]), tmp_path / "all", **QUIET)
+    assert (tmp_path / "all" / "tokenizer.json").read_bytes() == (tmp_path / "train-validation" / "tokenizer.json").read_bytes()
+    # a split the tokenizer would learn from that the source lacks, or that is empty: one line, nothing written
+    (tmp_path / "corpus" / "empty.jsonl").write_text("")
+    with_empty = unique_stories_spec(tmp_path / "corpus", extra={"test": str(tmp_path / "corpus" / "empty.jsonl")})
+    for splits, error, says in (
+            (["train", "test"], "missing", "prep.tokenizer_splits names split 'test', which the corpus does not have"),
+            (["train", "test"], PrepError, "split 'test' of the corpus .in prep.tokenizer_splits. is empty"),
+            (["train", "train"], PrepError, "prep.tokenizer_splits names a split twice"),
+            (["all", "train"], PrepError, r"prep.tokenizer_splits: \[all\] stands alone"),
+            ([], PrepError, "prep.tokenizer_splits must name the splits")):
+        source = spec if error == "missing" else with_empty
+        with pytest.raises(PrepError, match=says) as caught:
+            run_prep(paper_prep(tmp_path, source=source, tokenizer_splits=splits), tmp_path / "out", **QUIET)
+        assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_bpe_paper_tokenizer_has_the_papers_special_tokens_as_ids_0_to_3(tmp_path):
+    from gam_pretrain.data import train_bpe
+
+    tok = train_bpe(STORIES, 200, "bpe-paper")
+    assert [tok.token_to_id(t) for t in ("[UNK]", "[PAD]", "[SOS]", "[EOS]")] == [0, 1, 2, 3]
+    assert tok.token_to_id("<eos>") is None and tok.encode("cat \u00e9", add_special_tokens=False).ids[-1] == 0
+    # separators packing puts its [EOS] between documents; paper packing puts none
+    for packing, has_eos in (("separators", True), ("paper", False)):
+        out = tmp_path / packing
+        manifest = run_prep(paper_prep(tmp_path, tokenizer="bpe-paper", packing=packing), out, **QUIET)
+        assert manifest["tokenizer"]["kind"] == "bpe-paper"
+        assert ShardSet(out).tokenizer().token_to_id("[EOS]") == 3
+        rows = np.concatenate([ShardSet(out).read(s) for s in manifest["splits"]["train"]["shards"]])
+        assert (rows == 3).any() == has_eos
+
+
+def test_excluded_files_are_left_out_of_their_split_only(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "val").mkdir(parents=True)
+    for name in ("a", "b", "c", "val/v"):
+        (docs / f"{name}.txt").write_text(f"document {name}")
+    splits = {"train": str(docs / "**" / "*.txt"), "validation": str(docs / "val" / "*.txt")}
+    spec = SourceSpec(kind="files", splits=splits, exclude={"train": [str(docs / "val" / "**" / "*.txt"), str(docs / "b.txt")]})
+    assert list(Source(spec).documents("train")) == ["document a", "document c"]
+    assert list(Source(spec).documents("validation")) == ["document val/v"]
+    assert Source(spec).fingerprint(["train"]) != Source(SourceSpec(kind="files", splits=splits)).fingerprint(["train"])
+    everything = SourceSpec(kind="files", splits=splits, exclude={"train": [str(docs / "*.txt"), str(docs / "val" / "*")]})
+    with pytest.raises(SourceError, match="^split 'train': every file its globs match is excluded$"):
+        list(Source(everything).documents("train"))
+    assert list(Source(everything).documents("validation")) == ["document val/v"]
+
+
+def test_linux_doc_recipe_without_its_package_is_one_line_naming_apt_get(tmp_path):
+    from gam_pretrain.data.recipes import load_recipe
+    from gam_pretrain.data.recipes.linux_doc import DOCS
+
+    recipe = load_recipe("linux_doc")  # the package may be installed here: point its globs at a folder that is not
+    absent = str(tmp_path / "absent" / "Documentation")
+    spec = recipe.source
+    spec.splits = {split: pattern.replace(DOCS, absent) for split, pattern in spec.splits.items()}
+    spec.exclude = {split: [p.replace(DOCS, absent) for p in patterns] for split, patterns in spec.exclude.items()}
+    assert all(absent in p for p in spec.splits.values()) and DOCS not in json.dumps(spec.exclude)
+    with pytest.raises(SourceError, match=r"^split 'train': no file matches .*absent.*; install the corpus with "
+                                          r"`apt-get install linux-doc-6\.1`") as caught:
+        run_prep(recipe, tmp_path / "out", **QUIET)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_prep_identity_leaves_out_the_new_fields_at_their_old_values(tmp_path):
+    import dataclasses
+
+    from conftest import tiny_model_config
+    from gam_pretrain.config import DataConfig
+    from gam_pretrain.data.cache import recipe_prep
+    from gam_pretrain.data.prep import prep_identity
+    from gam_pretrain.data.recipes import load_recipe, recipe_names
+
+    new_recipes = {"linux_doc"}  # made with exclude / missing_hint: no prep of theirs predates them
+    assert new_recipes < set(recipe_names())
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        identity = prep_identity(recipe)
+        assert not set(PAPER_KEYS) & identity.keys(), name
+        if name in new_recipes:
+            # exclude changes the documents; the install hint does not, so it is no part of the identity
+            assert identity["source"]["exclude"] == recipe.source.exclude and "missing_hint" not in identity["source"]
+            continue
+        assert not set(PAPER_SOURCE_KEYS) & identity["source"].keys(), name
+        assert identity == old_identity(recipe), name
+        paper = prep_identity(dataclasses.replace(recipe, packing="paper", tokenizer_splits=["train", "validation"]))
+        assert (paper["packing"], paper["tokenizer_splits"]) == ("paper", ["train", "validation"])
+    # the cache folder the code before this change gave the embedded recipe at vocab 512, block 32
+    data_cfg = DataConfig(recipe="embedded", cache_dir=str(tmp_path))
+    assert recipe_prep(data_cfg, tiny_model_config(vocab_size=512, block_size=32))[1].name == "embedded-8e42498ca5d2"
+
+
+def test_a_prep_folder_recorded_before_packing_existed_is_resumed_and_a_new_packing_refused(tmp_path):
+    cfg = paper_prep(tmp_path, packing="separators")
+    out = tmp_path / "out"
+    manifest = run_prep(cfg, out, **QUIET)
+    assert json.loads((out / ".prep_config.json").read_text()) == old_identity(cfg) == manifest["prep"]
+    (out / ".prep_config.json").write_text(json.dumps(old_identity(cfg), indent=1))  # as the old code wrote it
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "prep_stats.json"}
+    run_prep(cfg, out, **QUIET)  # accepted: the same prep
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "prep_stats.json"} == finished
+    for changed, key in (({"packing": "paper"}, "packing"), ({"tokenizer_splits": ["train", "validation"]}, "tokenizer_splits")):
+        with pytest.raises(PrepError, match=f"^{re.escape(str(out))} holds a prep with a different configuration "
+                                            rf"\(differs in prep\.{key}\); use another --out$"):
+            run_prep(paper_prep(tmp_path, **{"packing": "separators", **changed}), out, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "prep_stats.json"} == finished
+
+
+def test_recipe_prep_with_paper_packing_is_another_cache_folder_and_its_command_names_it(tmp_path):
+    import shlex
+
+    from conftest import tiny_model_config
+    from gam_pretrain.config import DataConfig, PrepCommand, load_prep_command
+    from gam_pretrain.data.cache import DataMissingError, check_data_available, prep_command, recipe_prep
+
+    model = tiny_model_config(vocab_size=512, block_size=32)
+    cache = str(tmp_path / "cache")
+    runs = {"default": DataConfig(recipe="embedded", cache_dir=cache),
+            "paper": DataConfig(recipe="embedded", cache_dir=cache, packing="paper", tokenizer_splits=["train", "validation"]),
+            "packing": DataConfig(recipe="embedded", cache_dir=cache, packing="paper"),
+            "splits": DataConfig(recipe="embedded", cache_dir=cache, tokenizer_splits=["train", "validation"])}
+    preps = {name: recipe_prep(data_cfg, model) for name, data_cfg in runs.items()}
+    assert len({folder for _, folder in preps.values()}) == 4
+    paper_cfg, paper_dir = preps["paper"]
+    assert (paper_cfg.packing, paper_cfg.tokenizer_splits) == ("paper", ["train", "validation"])
+    command = prep_command("embedded", paper_cfg, paper_dir)
+    assert "--prep.packing paper" in command and "--prep.tokenizer_splits" in command
+    default = prep_command("embedded", *preps["default"])
+    assert "--prep.packing" not in default and "--prep.tokenizer_splits" not in default
+    # the command, run, would write that very prep into that folder
+    words = shlex.split(command)
+    assert words[:3] == ["gam-pretrain", "prep", "embedded"]
+    parsed = load_prep_command(PrepCommand, None, ["--recipe", *words[2:]])
+    assert parsed.prep == paper_cfg and parsed.out == str(paper_dir)
+    with pytest.raises(DataMissingError, match="--prep.packing paper"):
+        check_data_available(runs["paper"], model)
+
+
+def test_source_fingerprint_of_a_spec_without_the_new_fields_is_unchanged(tmp_path):
+    import dataclasses
+
+    spec = unique_stories_spec(tmp_path / "corpus")
+    old = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(spec).items() if k not in PAPER_SOURCE_KEYS},
+                                    sort_keys=True, default=str).encode())
+    for split in ("train", "validation"):  # as the code before exclude / missing_hint computed it
+        path = Path(spec.splits[split])
+        old.update(path.name.encode())
+        old.update(path.read_bytes())
+    assert Source(spec).fingerprint(["train", "validation"]) == old.hexdigest()
+
+
+def test_exclude_spelt_like_the_split_glob_with_dot_slash_excludes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("d").mkdir()
+    Path("d/a.txt").write_text("a")
+    Path("d/b.txt").write_text("b")
+    spec = SourceSpec(kind="files", splits={"train": "./d/*.txt"}, exclude={"train": ["./d/b.txt"]})
+    assert list(Source(spec).documents("train")) == ["a"]

@@ -1,5 +1,5 @@
 """The same corpus prepped in separate processes, at 1 and 2 workers, gives byte-identical
-tokenizer.json, shards and manifest, for both trained tokenizer kinds.
+tokenizer.json, shards and manifest, for every trained tokenizer kind (bpe-paper too).
 
 Separate processes matter: with an end-of-word suffix, `tokenizers` numbered the suffixed tokens
 in the order of a randomly seeded hash map (huggingface/tokenizers#1794), and a test inside one
@@ -13,10 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gam_pretrain.data.prep import TRAINED_TOKENIZERS
 from gam_pretrain.data.sources import _embedded_documents
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("bpe-whitespace", "bpe-bytelevel")
+KINDS = TRAINED_TOKENIZERS  # bpe-whitespace, bpe-bytelevel, bpe-paper
 PREP = r"""
 import sys
 from pathlib import Path

@@ -8,7 +8,7 @@ import json
 import shlex
 from pathlib import Path
 
-from .prep import PrepConfig, is_trained, run_prep, tokenizer_file_sha256
+from .prep import PrepConfig, is_trained, prep_identity, run_prep, tokenizer_file_sha256
 from .recipes import load_recipe
 from .shards import ShardSet
 
@@ -34,6 +34,22 @@ def check_fits(data: ShardSet, vocab_size: int, block_size: int) -> None:
         )
 
 
+def check_prepped_as_asked(data: ShardSet, data_cfg) -> None:
+    """A folder given as data.dir must have been prepped as the run's data settings say (its packing,
+    the splits its tokenizer learned from, a tokenizer kind the run names): the paper's recipe on a
+    separators prep, say, would otherwise train silently on the wrong chunks."""
+    prep = data.manifest.get("prep") or {}
+    pairs = [("packing", prep.get("packing", "separators"), data_cfg.packing),
+             ("tokenizer_splits", prep.get("tokenizer_splits", ["train"]), list(data_cfg.tokenizer_splits))]
+    if is_trained(PrepConfig(tokenizer=data_cfg.tokenizer)):
+        pairs.append(("tokenizer", prep.get("tokenizer"), data_cfg.tokenizer))
+    for key, recorded, wanted in pairs:
+        if recorded != wanted:
+            raise DataMismatchError(f"{data.path} was prepped with prep.{key}={recorded!r} but the run has "
+                                    f"data.{key}={wanted!r}; set data.{key} to match, or prep the data again with "
+                                    f"--prep.{key} {json.dumps(wanted) if isinstance(wanted, list) else wanted}")
+
+
 TRAINING_SPLITS = ("train", "validation")  # training reads train and always ends with an eval on validation
 
 
@@ -56,8 +72,9 @@ def recipe_prep(data_cfg, model_cfg) -> tuple[PrepConfig, Path]:
     in data.cache_dir that holds it: one folder per distinct prep config (and tokenizer file content)."""
     recipe = load_recipe(data_cfg.recipe)
     prep_cfg = dataclasses.replace(recipe, block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
-                                   tokenizer=data_cfg.tokenizer or recipe.tokenizer)
-    identity = dataclasses.asdict(prep_cfg)
+                                   tokenizer=data_cfg.tokenizer or recipe.tokenizer, packing=data_cfg.packing,
+                                   tokenizer_splits=list(data_cfg.tokenizer_splits))
+    identity = prep_identity(prep_cfg)
     if not is_trained(prep_cfg) and Path(prep_cfg.tokenizer).exists():  # a missing one is named by the prep
         identity["tokenizer_file_sha256"] = tokenizer_file_sha256(Path(prep_cfg.tokenizer))
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -67,8 +84,9 @@ def recipe_prep(data_cfg, model_cfg) -> tuple[PrepConfig, Path]:
 def prep_command(recipe: str, prep_cfg: PrepConfig, out: Path) -> str:
     """The `gam-pretrain prep` command line that writes `prep_cfg` for `recipe` into `out`."""
     base = load_recipe(recipe)
-    changed = [f"--prep.{name} {shlex.quote(str(getattr(prep_cfg, name)))}" for name in ("tokenizer", "vocab_size", "block_size")
-               if getattr(prep_cfg, name) != getattr(base, name)]
+    changed = [f"--prep.{name} {shlex.quote(json.dumps(value) if isinstance(value, list) else str(value))}"
+               for name in ("tokenizer", "vocab_size", "block_size", "packing", "tokenizer_splits")
+               if (value := getattr(prep_cfg, name)) != getattr(base, name)]
     return " ".join(["gam-pretrain prep", recipe, "--out", shlex.quote(str(out)), *changed])
 
 
@@ -91,6 +109,7 @@ def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
     on rank 0 by surprise."""
     if data_cfg.dir:
         data = ShardSet(data_cfg.dir)
+        check_prepped_as_asked(data, data_cfg)
     else:
         check_data_available(data_cfg, model_cfg)
         prep_cfg, out = recipe_prep(data_cfg, model_cfg)

@@ -24,10 +24,16 @@ as a file); a folder holding prep files of another config, or of a config it can
 refused. plan.json records the sha256 of the folder's tokenizer.json, and the later phases refuse a
 tokenizer.json that differs from it.
 
-Packing (as the paper did for WikiText): a unit's documents are tokenized, joined with an <eos>
-token after each, and cut into windows of block_size + 1 tokens that overlap by one token
+Packing, `packing: separators` (the default): a unit's documents are tokenized, joined with an
+<eos> token after each, and cut into windows of block_size + 1 tokens that overlap by one token
 (window i starts at i * block_size). The last partial window of each unit is dropped (fewer than
-block_size tokens per unit). Text that was not valid UTF-8 is decoded with U+FFFD replacement
+block_size tokens per unit).
+`packing: paper` (the paper's code): a split's documents are tokenized and joined WITHOUT separators
+into one stream, cut into non-overlapping chunks of block_size + 1 tokens (chunk i starts at
+i * (block_size + 1)), and the remainder at the split's end is dropped. The chunks run across the
+whole split, so each split is one work unit and one shard (no parallelism within a split; fine at the
+paper's corpus sizes), and the loader's shuffle of that one shard is a uniform permutation of all
+chunks, as the paper's DataLoader(shuffle=True). Text that was not valid UTF-8 is decoded with U+FFFD replacement
 characters; their count is recorded per split in the manifest.
 """
 from __future__ import annotations
@@ -37,6 +43,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -45,12 +52,13 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from .. import files
 from ..files import sha256_file
-from .sources import Source, SourceSpec
+from .sources import Source, SourceSpec, spec_identity
 from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
 FORMAT = "gam-pretrain-shards"
@@ -66,15 +74,21 @@ class PrepError(RuntimeError):
 class PrepConfig:
     source: SourceSpec = field(default_factory=SourceSpec)
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])  # splits to write (train first)
-    tokenizer: str = "bpe-whitespace"  # bpe-whitespace | bpe-bytelevel (trained on train) | path/to/tokenizer.json
+    tokenizer: str = "bpe-whitespace"  # bpe-whitespace | bpe-bytelevel | bpe-paper (trained on tokenizer_splits) | path/to/tokenizer.json
     vocab_size: int = 10000  # for a trained tokenizer
+    tokenizer_splits: list[str] = field(default_factory=lambda: ["train"])  # splits a trained tokenizer learns from; [all]: every split the source has (the paper's code)
     tokenizer_train_documents: int = 0  # train documents the tokenizer learns from; 0 = the whole train split
     block_size: int = 256  # tokens per training sample (each window holds block_size + 1)
+    packing: Literal["separators", "paper"] = "separators"  # separators: <eos> after each document, windows overlap by one token; paper: no separators, non-overlapping chunks over the whole split
     documents_per_unit: int = 1000  # documents per work unit (the unit of parallelism and of resume)
     samples_per_shard: int = 2048  # samples per tar shard
 
 
-TRAINED_TOKENIZERS = ("bpe-whitespace", "bpe-bytelevel")
+TRAINED_TOKENIZERS = ("bpe-whitespace", "bpe-bytelevel", "bpe-paper")
+PACKINGS = ("separators", "paper")
+# fields added after preps were first recorded, with the value every older prep had: left out of a
+# prep's recorded identity at that value, so older prep folders and cache keys stay valid
+_ADDED_SINCE = {"tokenizer_splits": ["train"], "packing": "separators"}
 POSITIVE_KEYS = ("block_size", "documents_per_unit", "samples_per_shard")
 
 
@@ -92,7 +106,16 @@ def check_prep_config(cfg: PrepConfig) -> None:
     if len(set(cfg.splits)) != len(cfg.splits):
         raise PrepError(f"prep.splits names a split twice: {cfg.splits}")
     if not cfg.tokenizer:
-        raise PrepError("prep.tokenizer is empty; use bpe-whitespace, bpe-bytelevel or a path to a tokenizer.json")
+        raise PrepError("prep.tokenizer is empty; use bpe-whitespace, bpe-bytelevel, bpe-paper or a path to a tokenizer.json")
+    if cfg.packing not in PACKINGS:
+        raise PrepError(f"prep.packing must be one of {', '.join(PACKINGS)}, got {cfg.packing!r}")
+    if cfg.tokenizer in TRAINED_TOKENIZERS:
+        if not cfg.tokenizer_splits or not all(isinstance(x, str) and x for x in cfg.tokenizer_splits):
+            raise PrepError(f"prep.tokenizer_splits must name the splits the tokenizer learns from, got {cfg.tokenizer_splits!r}")
+        if len(set(cfg.tokenizer_splits)) != len(cfg.tokenizer_splits):
+            raise PrepError(f"prep.tokenizer_splits names a split twice: {cfg.tokenizer_splits}")
+        if "all" in cfg.tokenizer_splits and cfg.tokenizer_splits != ["all"]:
+            raise PrepError(f"prep.tokenizer_splits: [all] stands alone (every split of the source), got {cfg.tokenizer_splits}")
 
 
 def tokenizer_dtype(vocab_size: int) -> str:
@@ -163,25 +186,31 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     if record_path.is_file() and (record := _finished_record(record_path, out_dir)) is not None:
         return record
     tokenizer = _cached_tokenizer(str(out_dir / "tokenizer.json"))
+    paper = cfg.packing == "paper"
     eos = eos_id(tokenizer)
-    if eos is None:
+    if eos is None and not paper:
         raise PrepError(f"the tokenizer has none of {EOS_CANDIDATES}; documents are separated by one, add it")
     dtype = np.dtype(tokenizer_dtype(tokenizer.get_vocab_size()))
-    start = unit * cfg.documents_per_unit
+    start, stop = (0, None) if paper else (unit * cfg.documents_per_unit, (unit + 1) * cfg.documents_per_unit)
     ids: list[int] = []
     documents = replaced = 0
-    for doc in Source(cfg.source).documents(split, start, start + cfg.documents_per_unit):
+    for doc in Source(cfg.source).documents(split, start, stop):
         documents += 1
         replaced += doc.count("\ufffd")
-        ids.extend(_encode(tokenizer, doc))
-        ids.append(eos)
+        # paper: each row encoded whole, as its code does (line splitting breaks at \x1c-\x1e too)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False).ids if paper else _encode(tokenizer, doc))
+        if not paper:
+            ids.append(eos)
     tokens = np.asarray(ids, dtype=dtype)
     block = cfg.block_size
-    n_samples = max(0, (len(tokens) - 1) // block)
+    # separators: window i starts at i * block (overlapping by one); paper: chunk i at i * (block + 1)
+    stride = block + 1 if paper else block
+    n_samples = max(0, (len(tokens) - 1) // block) if not paper else len(tokens) // stride
+    per_shard = max(n_samples, 1) if paper else cfg.samples_per_shard
     shards = []
-    for k, first in enumerate(range(0, n_samples, cfg.samples_per_shard)):
-        last = min(first + cfg.samples_per_shard, n_samples)
-        members = [(f"{split}-{unit:05d}-{i:07d}.input_ids.npy", npy_bytes(tokens[i * block : i * block + block + 1]))
+    for k, first in enumerate(range(0, n_samples, per_shard)):
+        last = min(first + per_shard, n_samples)
+        members = [(f"{split}-{unit:05d}-{i:07d}.input_ids.npy", npy_bytes(tokens[i * stride : i * stride + block + 1]))
                    for i in range(first, last)]
         name = f"{split}-{unit:05d}-{k:03d}.tar"
         data = tar_bytes(members)
@@ -221,8 +250,9 @@ def check_tokenizer_file(cfg: PrepConfig) -> str:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise PrepError(f"{path} is not a tokenizers JSON file or a vocab.json + merges.txt folder: {e}") from None
-    if eos_id(tokenizer) is None:
-        raise PrepError(f"the tokenizer {path} has none of {EOS_CANDIDATES}; documents are separated by one")
+    if eos_id(tokenizer) is None and cfg.packing != "paper":
+        raise PrepError(f"the tokenizer {path} has none of {EOS_CANDIDATES}; documents are separated by one "
+                        "(packing: paper needs none)")
     return tokenizer_file_sha256(path)
 
 
@@ -230,18 +260,35 @@ def _split_is_empty(source: Source, split: str) -> bool:
     return next(iter(source.documents(split, 0, 1)), None) is None
 
 
+def tokenizer_splits(cfg: PrepConfig) -> list[str]:
+    """The splits a trained tokenizer learns from: prep.tokenizer_splits, with [all] resolved to
+    every split the source defines."""
+    return list(cfg.source.splits) if cfg.tokenizer_splits == ["all"] else list(cfg.tokenizer_splits)
+
+
 def count_units(cfg: PrepConfig, source: Source, log=print) -> dict[str, int | None]:
     """Each split's number of work units (None: open-ended, streaming); an empty split is refused."""
     if is_trained(cfg) and "train" not in cfg.splits and _split_is_empty(source, "train"):
         raise PrepError("split 'train' of the corpus is empty: nothing to train a tokenizer on")
+    if is_trained(cfg):
+        for split in tokenizer_splits(cfg):
+            if split not in cfg.source.splits:
+                raise PrepError(f"prep.tokenizer_splits names split {split!r}, which the corpus does not have "
+                                f"(splits: {', '.join(cfg.source.splits)})")
+            if split not in cfg.splits and _split_is_empty(source, split):
+                raise PrepError(f"split {split!r} of the corpus (in prep.tokenizer_splits) is empty")
     units: dict[str, int | None] = {}
     for split in cfg.splits:
         n_docs = source.num_documents(split)
         if n_docs == 0 or (n_docs is None and _split_is_empty(source, split)):
             raise PrepError(f"split {split!r} of the corpus is empty")
-        units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
-        log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in "
-            f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
+        if cfg.packing == "paper":
+            units[split] = 1  # the chunks run across the whole split
+        else:
+            units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
+        where = ("1 unit (packing: paper)" if cfg.packing == "paper" else
+                 f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
+        log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in {where}")
     return units
 
 
@@ -287,17 +334,26 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
         return
     if is_trained(cfg):
         limit = cfg.tokenizer_train_documents or None
-        log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on the train split ...")
-        tokenizer = train_bpe(source.documents("train", 0, limit), cfg.vocab_size, cfg.tokenizer)
+        splits = tokenizer_splits(cfg)
+        log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on split(s) {', '.join(splits)} ...")
+        texts = itertools.chain.from_iterable(
+            source.documents(split, 0, limit if split == "train" else None) for split in splits)
+        tokenizer = train_bpe(texts, cfg.vocab_size, cfg.tokenizer)
         if tokenizer.get_vocab_size() == 0:
-            raise PrepError("the train split is empty: nothing to train a tokenizer on")
+            raise PrepError(f"split(s) {', '.join(splits)} are empty: nothing to train a tokenizer on")
     else:
         tokenizer = load_tokenizer(Path(cfg.tokenizer))  # checked by check_tokenizer_file
     _write_atomic(target, tokenizer.to_str().encode())
 
 
-def _config_dict(cfg: PrepConfig) -> dict:
-    return dataclasses.asdict(cfg)
+def prep_identity(cfg: PrepConfig) -> dict:
+    """The prep's identity: its config, less fields added later that hold the value older preps had
+    (and the source's, see spec_identity)."""
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in _ADDED_SINCE and v == _ADDED_SINCE[k])}
+    identity["source"] = spec_identity(cfg.source)
+    return identity
+
+
 
 
 def prep_config_from_dict(d: dict) -> PrepConfig:
@@ -310,7 +366,7 @@ def plan_prep(cfg: PrepConfig, out_dir: str | Path, log=print) -> dict:
     and finalize read it. Nothing is written before every check has passed."""
     out_dir = Path(out_dir)
     check_prep_config(cfg)
-    cfg_dict = json.loads(json.dumps(_config_dict(cfg)))
+    cfg_dict = json.loads(json.dumps(prep_identity(cfg)))
     record = dict(cfg_dict)
     if not is_trained(cfg):
         record["tokenizer_file_sha256"] = check_tokenizer_file(cfg)  # the same path with new content is another prep
@@ -359,7 +415,7 @@ def run_units(out_dir: str | Path, task_index: int = 0, task_count: int = 1, wor
     out_dir = Path(out_dir)
     cfg, units = read_plan(out_dir)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return _run_units(_config_dict(cfg), cfg, out_dir, units, workers, progress, task_index, task_count)
+    return _run_units(prep_identity(cfg), cfg, out_dir, units, workers, progress, task_index, task_count)
 
 
 def finalize_prep(out_dir: str | Path, log=print) -> dict:
@@ -384,7 +440,7 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
         if sum(r["tokens"] for r in records[split]) == 0:
             raise PrepError(f"split {split!r} produced no tokens (empty documents?)")
     vocab_size = load_tokenizer(out_dir / "tokenizer.json").get_vocab_size()
-    manifest = build_manifest(cfg, _config_dict(cfg), records, sha256_file(out_dir / "tokenizer.json"), vocab_size,
+    manifest = build_manifest(cfg, prep_identity(cfg), records, sha256_file(out_dir / "tokenizer.json"), vocab_size,
                               Source(cfg.source))
     _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
     for stale in [*out_dir.glob(".*.tmp"), *(out_dir / UNIT_DIR).glob(".*.tmp")]:

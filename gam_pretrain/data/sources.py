@@ -6,6 +6,7 @@ worker, in any order, with the same result.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import gzip
@@ -48,6 +49,18 @@ class SourceSpec:
     revision: str | None = None  # hf: dataset revision (a commit, for reproducibility)
     txt_documents: Literal["file", "lines"] = "file"  # files: a .txt file is one document, or one per non-empty line
     max_documents: dict[str, int] = field(default_factory=dict)  # split -> at most this many documents (TinyStories: 50k / 5k)
+    exclude: dict[str, list[str]] = field(default_factory=dict)  # files: split -> globs of files its globs match but it leaves out
+    missing_hint: str = ""  # files: appended to the error when a glob matches nothing (how to install the corpus)
+
+
+def spec_identity(spec: SourceSpec) -> dict:
+    """What the documents depend on: the spec, less the install hint, and less `exclude` when empty
+    (the value every source had before the field existed, so older fingerprints stay valid)."""
+    identity = dataclasses.asdict(spec)
+    del identity["missing_hint"]
+    if not identity["exclude"]:
+        del identity["exclude"]
+    return identity
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,9 +115,15 @@ class Source:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
             matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
             if not matched:
-                raise SourceError(f"split {split!r}: no file matches {pattern!r}")
+                hint = f"; {self.spec.missing_hint}" if self.spec.missing_hint else ""
+                raise SourceError(f"split {split!r}: no file matches {pattern!r}{hint}")
             files.extend(Path(m) for m in matched)
-        return files
+        left_out = {os.path.realpath(m) for pattern in self.spec.exclude.get(split, [])
+                    for m in glob.glob(os.path.expanduser(pattern), recursive=True)}
+        kept = [f for f in files if os.path.realpath(f) not in left_out]
+        if not kept:
+            raise SourceError(f"split {split!r}: every file its globs match is excluded")
+        return kept
 
     def _file_documents(self, path: Path) -> Iterator[str]:
         name = path.name.removesuffix(".gz")
@@ -222,7 +241,7 @@ class Source:
 
     def fingerprint(self, splits: list[str]) -> str:
         """Content hash for local data; dataset fingerprints (or the request, when streaming) for hf."""
-        h = hashlib.sha256(json.dumps(self.spec.__dict__, sort_keys=True, default=str).encode())
+        h = hashlib.sha256(json.dumps(spec_identity(self.spec), sort_keys=True, default=str).encode())
         for split in splits:
             if self.spec.kind == "embedded":
                 h.update((EMBEDDED_DIR / f"{split}.jsonl.gz").read_bytes())

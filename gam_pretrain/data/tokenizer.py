@@ -4,6 +4,8 @@
   whitespace and punctuation, then BPE with no end-of-word suffix. Decoding cannot restore the
   original spacing: tokens come back separated by single spaces, also inside a word split into
   several tokens.
+- `bpe-paper`: the paper's tokenizer exactly, special tokens included: `bpe-whitespace` with
+  [UNK] [PAD] [SOS] [EOS] (ids 0-3) and [UNK] for unknown characters.
 - `bpe-bytelevel`: GPT-2 style byte-level BPE; never produces <unk> and decodes text exactly.
 
 Training is deterministic: the same texts give the same tokenizer.json in every process. That is
@@ -23,14 +25,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from ..files import first_line
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>"]
-TokenizerKind = Literal["bpe-whitespace", "bpe-bytelevel"]
+PAPER_SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]  # github.com/rishiraj/gam benchmark.py
+TokenizerKind = Literal["bpe-whitespace", "bpe-bytelevel", "bpe-paper"]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, kind: TokenizerKind) -> Tokenizer:
-    if kind == "bpe-whitespace":
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind in ("bpe-whitespace", "bpe-paper"):
+        specials = PAPER_SPECIAL_TOKENS if kind == "bpe-paper" else SPECIAL_TOKENS
+        tok = Tokenizer(models.BPE(unk_token=specials[0]))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     elif kind == "bpe-bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,7 +51,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, kind: TokenizerKind) -> Tok
     return tok
 
 
-EOS_CANDIDATES = ("<eos>", "<|endoftext|>", "</s>")
+EOS_CANDIDATES = ("<eos>", "<|endoftext|>", "</s>", "[EOS]")
 
 
 def eos_id(tokenizer: Tokenizer) -> int | None:

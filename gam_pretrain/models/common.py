@@ -1,6 +1,7 @@
 """Pieces every model family shares: the config, embeddings, tied LM head, loss, init, counting."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,7 @@ class ModelConfig:
     d_model: int = 512  # width C of the residual stream
     n_layers: int = 6  # blocks
     dropout: float = 0.1  # probability, on the embedding, every residual branch and the attention weights
+    mix_dropout: bool = True  # GAM: dropout on the fused local/global branch too (false: as the paper's code, which has none there)
     # GAM
     memory_slots: int = 512  # GAM: rows of each block's learned memory bank M
     conv_kernel: int = 3  # GAM: width k of the depthwise causal conv
@@ -35,7 +37,8 @@ class ModelConfig:
     expand: int = 3  # Mamba: inner width d_inner = expand * d_model
     scan: Literal["auto", "torch", "cuda"] = "auto"  # Mamba scan, installed by gam_pretrain.accel: cuda (mamba-ssm), torch, auto: cuda when available
     # Initialisation
-    init_std: float = 0.02  # std of the N(0, std) init of linear and embedding weights and GAM's memory
+    init: Literal["gpt2", "torch-default"] = "gpt2"  # gpt2: N(0, init_std) weights, zero biases; torch-default: PyTorch's module defaults, as the paper's code (xavier-uniform memory, mamba-ssm's dt/A/D)
+    init_std: float = 0.02  # init gpt2: std of the N(0, std) init of linear and embedding weights and GAM's memory
 
 
 class FeedForward(nn.Sequential):
@@ -97,16 +100,25 @@ class LMHeadModel(nn.Module):
         return (logits if return_logits else None), cross_entropy(logits, targets)
 
     def init_weights(self) -> None:
-        """GPT-2 style: N(0, init_std) for linear/embedding weights, zero biases.
+        """`init: gpt2`: N(0, init_std) for linear/embedding weights, zero biases.
+        `init: torch-default`: every module's own reset_parameters (PyTorch's defaults: kaiming-uniform
+        linear and conv weights with their uniform biases, N(0, 1) position embeddings), and the tied
+        token embedding initialised as the head nn.Linear(C, V) it is in the paper's code, U(+-1/sqrt(C)).
 
-        Families re-initialise their special parameters afterwards (see `_init_special`).
+        Families then initialise their special parameters (see `_init_special`).
         """
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        if self.cfg.init == "torch-default":
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            nn.init.kaiming_uniform_(self.tok_emb.weight, a=math.sqrt(5))  # nn.Linear's own weight init
+        else:
+            std = self.cfg.init_std
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
         self._init_special()
 
     def _init_special(self) -> None:

@@ -4,7 +4,7 @@ Per block, with h = LN(x):
     local  = depthwise causal conv1d(h), kernel k (k-1 zeros padded on the left)
     global = softmax(h M^T) M              M: learned memory bank (slots x C), no 1/sqrt(C) scaling
     g_l, g_g = split(Linear(C, 2C)(h))
-    x = x + dropout(sigmoid(g_l) * local + sigmoid(g_g) * global)
+    x = x + dropout(sigmoid(g_l) * local + sigmoid(g_g) * global)   (that dropout only with mix_dropout)
     x = x + FFN(LN(x))                    FFN: C -> 4C -> C with GELU, then dropout
 
 The memory bank does not depend on the input, so the only mixing across positions is the conv:
@@ -34,7 +34,7 @@ class GAMBlock(nn.Module):
         self.conv = CausalDepthwiseConv(C, cfg.conv_kernel) if mixing != "global" else None
         self.memory = nn.Parameter(torch.empty(cfg.memory_slots, C)) if mixing != "local" else None
         self.gate = nn.Linear(C, 2 * C) if mixing == "gated" else None
-        self.mix_dropout = nn.Dropout(cfg.dropout)
+        self.mix_dropout = nn.Dropout(cfg.dropout) if cfg.mix_dropout else nn.Identity()
         self.ln2 = nn.LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
@@ -63,7 +63,11 @@ class GAM(LMHeadModel):
 
     def _init_special(self) -> None:
         for block in self.blocks:
-            if block.memory is not None:
+            if block.memory is None:
+                continue
+            if self.cfg.init == "torch-default":
+                nn.init.xavier_uniform_(block.memory)  # the paper's code
+            else:
                 nn.init.normal_(block.memory, std=self.cfg.init_std)
 
     def receptive_field(self) -> int:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, RunConfig, apply_dict, check_plain_text, read_yaml_mapping, to_dict, validate
+from ..config import (ConfigError, RunConfig, apply_dict, check_plain_text, read_yaml_mapping, to_dict, validate,
+                      without_later_defaults)
 from .ladder import FAMILIES, Rung, measure, rung_config
 
 
@@ -134,7 +135,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
 
 def content_hash(cfg: RunConfig) -> str:
     """Everything that shapes the result; not where it is written, how it is logged or launched."""
-    key = to_dict(cfg)
+    key = without_later_defaults(to_dict(cfg))  # sweeps expanded before a setting existed keep their names
     for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device", "accel"),
                            "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers")}.items():
         for name in names:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from ..config import ADDED_SINCE_FIRST_RUNS
 from ..files import first_line, sha256_file, write_atomic
 from .distributed import DistInfo, barrier, decided_on_main
 
@@ -312,7 +313,10 @@ def find_resume_checkpoint(run_dir: Path, resume: str, log=print) -> tuple[Path,
 def _first_difference(key: str, old, new) -> tuple[str, object, object] | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for sub in sorted(set(old) | set(new)):
-            found = _first_difference(f"{key}.{sub}", old.get(sub), new.get(sub))
+            name = f"{key}.{sub}"
+            if sub not in old and ADDED_SINCE_FIRST_RUNS.get(name, object()) == new.get(sub):  # an older checkpoint
+                continue
+            found = _first_difference(name, old.get(sub), new.get(sub))
             if found:
                 return found
         return None

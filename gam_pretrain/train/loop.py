@@ -186,6 +186,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                         "grad_accum": t.grad_accum,
                         # what the learning-rate schedule depends on: a resume must not change it
                         "total_steps": total_steps, "optim": {"lr": o.lr, "warmup_steps": o.warmup_steps,
+                                                              "warmup_from_zero": o.warmup_from_zero, "decay": o.decay,
                                                               "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}}
         # rank 0 verifies the candidates (hashing their files once) and every rank gets its choice
         found = decided_on_main(lambda: find_resume_checkpoint(run_dir, cfg.checkpoint.resume, log=say), dist)
@@ -221,7 +222,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
 
         def run_eval(step: int) -> dict:
             result = evaluate(engine.eval_model(), data, "validation", t.micro_batch_size, device, engine.autocast,
-                              t.eval_batches)
+                              t.eval_batches, mean=t.eval_mean)
             metrics.log({"step": step, **result})
             return result
 

@@ -1,4 +1,5 @@
-"""AdamW with the usual decay split: matrices and embeddings decay; biases, norms, A_log and D do not."""
+"""AdamW with the usual decay split (matrices and embeddings decay; biases, norms, A_log and D do
+not), or, with optim.decay=all, the paper's: every parameter decays."""
 from __future__ import annotations
 
 import torch
@@ -9,12 +10,12 @@ from ..config import OptimConfig
 NO_DECAY_NAMES = ("A_log", "D")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+        if not decay_all and (p.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -25,7 +26,7 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torc
     """fused=True: one kernel per tensor (CPU and CUDA, torch >= 2.4), for the single-process engine.
     The distributed engines use the default multi-tensor (foreach) update, the same arithmetic in
     DDP, ZeRO and FSDP2, so their fp32 loss curves agree bit for bit."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay == "all"), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=fused or None)
 
 

@@ -1,9 +1,10 @@
 """WikiText-2 (raw), as in the paper's Table 1.
 
-WikiText's rows are single lines (headings, paragraphs, blank lines). Like the paper, the lines
-are concatenated (each row is one "document" followed by <eos>, so line breaks become <eos>
-tokens) and the token stream is cut into blocks. The paper trained its 10k BPE on all splits;
-here it sees only the train split.
+WikiText's rows are single lines (headings, paragraphs, blank lines), each one document. With the
+recipe's defaults (the fair recipe) each is followed by <eos> and the stream is cut into windows
+overlapping by one token, and the 10k BPE learns from the train split; configs/paper/wikitext2.yaml
+sets the paper's choices instead (rows joined without separators into non-overlapping chunks, the
+BPE trained on all three splits; see gam_pretrain/data/prep.py).
 """
 from ..prep import PrepConfig
 from ..sources import SourceSpec
