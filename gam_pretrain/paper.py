@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, apply_dict, apply_overrides, load_config, read_yaml_mapping, to_dict, validate
@@ -154,7 +155,7 @@ def run_table(table: str, scale: str, recipe: str = "paper", seeds: int = 3, out
               log=print) -> dict:
     out_dir = Path(out_dir or Path("runs") / "paper" / f"{scale}-{recipe}")
     requested, datasets = datasets, [d for d in (datasets or DATASETS) if scale == "full" or d == STAND_IN]
-    rows = []
+    rows, baselines = [], {}
     for dataset in datasets:
         for row in ROWS[(table, recipe)]:
             if models and model_slug(row.model) not in models:
@@ -176,6 +177,7 @@ def run_table(table: str, scale: str, recipe: str = "paper", seeds: int = 3, out
                     summary = train(cfg, log=log).summary
                 runs.append({"seed": seed, **{k: summary[k] for k in (
                     "params", "train_seconds", "steps", "tokens", "tokens_per_s", "val_loss", "val_ppl", "device")}})
+            baselines.setdefault(dataset, count_baselines(cfg))
             rows.append({"dataset": dataset, "data": cfg.data.dir or cfg.data.recipe, "model": row.label,
                          "arch": cfg.model.arch, "runs": runs, **aggregate(runs),
                          "paper": dict(zip(("params_m", "seconds_per_epoch", "val_loss", "val_ppl"), paper))
@@ -187,7 +189,7 @@ def run_table(table: str, scale: str, recipe: str = "paper", seeds: int = 3, out
                          f"{', '.join(DATASETS) if scale == 'full' else STAND_IN + ' (below full scale)'}")
     report = {
         "table": table, "scale": scale, "recipe": recipe, "recipe_note": RECIPE_NOTES[recipe], "seeds": seeds_of(seeds),
-        "rows": rows, "paper_source": PAPER_SOURCE,
+        "rows": rows, "count_baselines": baselines, "paper_source": PAPER_SOURCE,
         "provenance": {"command": f"gam-pretrain paper {table} --scale {scale} --recipe {recipe} --seeds {seeds}"
                        + "".join(f" --dataset {d}" for d in requested or []) + "".join(f" --model {m}" for m in models or [])
                        + "".join(f" {o}" for o in overrides or []),
@@ -201,6 +203,30 @@ def run_table(table: str, scale: str, recipe: str = "paper", seeds: int = 3, out
     log(markdown(report))
     log(f"wrote {out_dir / f'{table}.md'} and {out_dir / f'{table}.json'}")
     return report
+
+
+def count_baselines(cfg: RunConfig) -> dict:
+    """What counting alone scores on the validation chunks the rows are evaluated on (the first
+    train.eval_batches batches, or all): a unigram and a bigram model of the train chunks' targets,
+    add-k smoothed (k 0.5 and 0.01). A row near the unigram number has learned token frequencies
+    and little more."""
+    data = open_training_data(cfg.data, cfg.model, log=lambda *_: None)
+    vocab = data.vocab_size
+    train = np.concatenate([data.read(shard) for shard in data.shards("train")])
+    valid = np.concatenate([data.read(shard) for shard in data.shards("validation")]).astype(np.int64)
+    if cfg.train.eval_batches:
+        valid = valid[: cfg.train.eval_batches * cfg.train.micro_batch_size]
+    counts = np.bincount(train[:, 1:].ravel(), minlength=vocab) + 0.5
+    unigram = -np.log(counts[valid[:, 1:].ravel()] / counts.sum()).mean()
+    pairs = train[:, :-1].astype(np.int64) * vocab + train[:, 1:]
+    seen, pair_counts = np.unique(pairs, return_counts=True)
+    wanted = (valid[:, :-1] * vocab + valid[:, 1:]).ravel()
+    at = np.clip(np.searchsorted(seen, wanted), 0, len(seen) - 1)
+    found = np.where(seen[at] == wanted, pair_counts[at], 0)
+    context = np.bincount(train[:, :-1].ravel(), minlength=vocab)[valid[:, :-1].ravel()]
+    bigram = -np.log((found + 0.01) / (context + 0.01 * vocab)).mean()
+    return {"unigram_ppl": float(np.exp(unigram)), "bigram_ppl": float(np.exp(bigram)),
+            "validation_tokens": int(valid[:, 1:].size)}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -250,6 +276,10 @@ def markdown(report: dict) -> str:
             f"| {ppl['mean']:.1f} ± {ppl['std']:.1f} [{ppl['min']:.1f}, {ppl['max']:.1f}] "
             f"| {fmt(pp.get('params_m'), '.1f')}{'M' if pp.get('params_m') else ''} "
             f"| {fmt(pp.get('seconds_per_epoch'), '.1f')} | {fmt(pp.get('val_loss'), '.4f')} | {fmt(pp.get('val_ppl'), '.2f')} |")
+    for dataset, b in report.get("count_baselines", {}).items():
+        lines += ["", f"Counting alone on the same {b['validation_tokens']:,} {dataset} validation tokens: a unigram model "
+                  f"of the train tokens scores PPL {b['unigram_ppl']:.1f}, a bigram model {b['bigram_ppl']:.1f} (add-0.5 / "
+                  "add-0.01 smoothing). A row near the unigram number has learned token frequencies and little more."]
     lines += ["", f"{n} seed(s) per row. Perplexities of the two recipes are not comparable with each other (each "
               "recipe trains its own tokenizer); within a table they are.",
               "GAM's memory bank does not depend on the input: its only mixing across positions is the causal conv, "

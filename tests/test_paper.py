@@ -82,6 +82,8 @@ def test_table_commands_run_at_smoke_scale_and_share_runs(tmp_path):
     assert all(r["val_ppl"]["mean"] > 1 and len(r["runs"]) == 1 for r in report["rows"])
     md = (tmp_path / "table1.md").read_text()
     assert "paper val PPL" in md and report["provenance"]["git"] in md and "882.57" in md
+    counted = report["count_baselines"]["wikitext2"]
+    assert counted["unigram_ppl"] > counted["bigram_ppl"] > 1 and "a unigram model of the train tokens" in md
     # Table 3's full GAM is Table 1's GAM run: read back, not retrained
     again = paper("table3")
     assert again.stdout.count("done already") == 1 and "900.84" in (tmp_path / "table3.md").read_text()
