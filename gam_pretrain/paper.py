@@ -177,7 +177,8 @@ def run_table(table: str, scale: str, recipe: str = "paper", seeds: int = 3, out
                     summary = train(cfg, log=log).summary
                 runs.append({"seed": seed, **{k: summary[k] for k in (
                     "params", "train_seconds", "steps", "tokens", "tokens_per_s", "val_loss", "val_ppl", "device")}})
-            baselines.setdefault(dataset, count_baselines(cfg))
+            if dataset not in baselines:  # once per dataset: it reads every train shard
+                baselines[dataset] = count_baselines(cfg)
             rows.append({"dataset": dataset, "data": cfg.data.dir or cfg.data.recipe, "model": row.label,
                          "arch": cfg.model.arch, "runs": runs, **aggregate(runs),
                          "paper": dict(zip(("params_m", "seconds_per_epoch", "val_loss", "val_ppl"), paper))
