@@ -95,7 +95,7 @@ def cmd_models(args, overrides):
     base = model_config(overrides)
     rows = []
     for label, cfg in variant_configs(base):
-        model = build_model(cfg)
+        model = build_model(cfg, materialize=False)  # counted on the meta device
         rows.append({"model": label, "params": model.num_parameters(), "train_flops_per_token": model.flops_per_token(),
                      "forward_flops_breakdown": model.forward_flops_breakdown()})
     if args.json:

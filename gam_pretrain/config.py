@@ -41,7 +41,8 @@ class DataConfig:
     cache_dir: str = "runs/data"  # where recipe preps live, one folder per prep config
     prep_if_missing: bool = False  # prep the recipe here when cache_dir lacks it; false: stop, naming the prep command
     prep_workers: int = 1  # worker processes for that prep
-    num_workers: int = 0  # DataLoader workers per rank
+    num_workers: int = 0  # DataLoader workers per rank (the sample order does not depend on them)
+    log_sample_ids: bool = False  # append every step's sample ids to <run>/sample_ids/rank<r>.jsonl: an audit that each sample is trained on once per epoch, across resumes
 
 
 @dataclass
@@ -61,8 +62,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # sequences per optimizer step (per process), split into grad_accum micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step (their gradients averaged before the step)
+    batch_size: int = 32  # GLOBAL batch: sequences per optimizer step over all ranks (it was per process in 0.1: see README "Global batch")
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank (used when micro_batch_size is 0)
+    micro_batch_size: int = 0  # sequences per forward/backward on each rank; 0: batch_size / (world size x grad_accum). Set, it fixes memory and grad_accum follows from the world size
     epochs: float = 5.0  # used when max_steps is 0
     max_steps: int = 0  # optimizer steps of the whole run (0: from epochs); the schedule spans them
     stop_at_step: int = 0  # end this launch after that step with a checkpoint; the schedule still spans max_steps
@@ -79,10 +81,38 @@ class TrainConfig:
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
     progress: bool = True  # a tqdm progress bar on rank 0
 
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is cut: world_size ranks x grad_accum micro-batches of
+    micro_batch_size sequences (derived by `batch_layout`, the single home of that arithmetic)."""
+    global_batch: int
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+
     @property
-    def micro_batch_size(self) -> int:
-        """Sequences per forward/backward on each process (batch_size split into grad_accum parts)."""
-        return self.batch_size // self.grad_accum
+    def per_rank(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+
+def batch_layout(t: "TrainConfig", world_size: int) -> BatchLayout:
+    """train.batch_size (global) over `world_size` ranks; a batch that does not divide is refused in one line."""
+    b = t.batch_size
+    if b % world_size:
+        raise ConfigError(f"'train.batch_size' ({b}, the global batch) does not divide among {world_size} ranks; "
+                          f"use a multiple of {world_size} or another number of ranks")
+    per_rank = b // world_size
+    if t.micro_batch_size:
+        if per_rank % t.micro_batch_size:
+            raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) does not divide the {per_rank} "
+                              f"sequences each of {world_size} ranks takes of 'train.batch_size' ({b})")
+        return BatchLayout(b, world_size, t.micro_batch_size, per_rank // t.micro_batch_size)
+    if per_rank % t.grad_accum:
+        raise ConfigError(f"'train.grad_accum' ({t.grad_accum}) does not divide the {per_rank} sequences each of "
+                          f"{world_size} ranks takes of 'train.batch_size' ({b})")
+    return BatchLayout(b, world_size, per_rank // t.grad_accum, t.grad_accum)
 
 
 @dataclass
@@ -101,6 +131,7 @@ class CheckpointConfig:
     interval_minutes: float = 0.0  # and/or every M minutes (0: off)
     keep_last: int = 2  # complete checkpoints kept, newest first
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K, forever (0: none)
+    async_save: bool = True  # periodic saves write in a background thread: a step waits only for each rank's in-memory snapshot of its state (the final and preemption saves block)
     resume: str = "auto"  # auto: latest complete checkpoint in the run dir | never | a checkpoint path
 
 
@@ -156,9 +187,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
-    def tokens_per_step(self, world_size: int) -> int:
-        """Tokens one optimizer step trains on, over all `world_size` ranks."""
-        return self.train.batch_size * world_size * self.model.block_size
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, over all ranks (train.batch_size is the global batch)."""
+        return self.train.batch_size * self.model.block_size
 
 
 @dataclass
@@ -205,7 +236,8 @@ def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) 
 # the value every older run had: left out at that value, so older records still match.
 ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "optim.decay": "matrices",
                           "optim.warmup_from_zero": False, "data.tokenizer_splits": ["train"],
-                          "data.packing": "separators", "train.eval_mean": "tokens"}
+                          "data.packing": "separators", "train.eval_mean": "tokens",
+                          "train.micro_batch_size": 0}
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
@@ -431,7 +463,7 @@ MUST_BE_POSITIVE = ("model.vocab_size", "model.block_size", "model.d_model", "mo
 MAY_BE_ZERO = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.eval_interval", "train.eval_batches",
                "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.min_lr_ratio", "optim.eps",
                "checkpoint.interval_steps", "checkpoint.interval_minutes", "checkpoint.keep_last",
-               "checkpoint.keep_every", "data.num_workers", "data.prep_workers", "launch.nodes",
+               "checkpoint.keep_every", "train.micro_batch_size", "data.num_workers", "data.prep_workers", "launch.nodes",
                "launch.tasks_per_node", "launch.gpus_per_node", "launch.cpus_per_task", "launch.mem_gb",
                "launch.time_minutes", "launch.signal_delay_s", "launch.max_requeues")
 
@@ -454,9 +486,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"'{key}' must be positive, got {value_at(cfg, key)}")
     if cfg.model.arch == "transformer" and cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})")
-    if cfg.train.batch_size % cfg.train.grad_accum:
-        raise ConfigError(f"'train.batch_size' ({cfg.train.batch_size}) must be divisible by 'train.grad_accum' "
-                          f"({cfg.train.grad_accum})")
+    t = cfg.train
+    if t.micro_batch_size and t.grad_accum != 1:
+        raise ConfigError(f"set only one of 'train.micro_batch_size' ({t.micro_batch_size}) and 'train.grad_accum' "
+                          f"({t.grad_accum}): with a micro-batch size, the accumulation follows from the world size")
+    batch_layout(t, 1)  # what divides over any number of ranks divides over one
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     if cfg.model.arch == "mamba" and cfg.model.scan == "cuda" and (

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig, apply_dict, apply_overrides, load_config, read_yaml_mapping, to_dict, validate
+from .config import ConfigError, RunConfig, apply_dict, batch_layout, apply_overrides, load_config, read_yaml_mapping, to_dict, validate
 from .data.cache import open_training_data
 from .train.loop import train
 from .train.summary import SUMMARY, read_summary
@@ -216,7 +216,7 @@ def count_baselines(cfg: RunConfig) -> dict:
     train = np.concatenate([data.read(shard) for shard in data.shards("train")])
     valid = np.concatenate([data.read(shard) for shard in data.shards("validation")]).astype(np.int64)
     if cfg.train.eval_batches:
-        valid = valid[: cfg.train.eval_batches * cfg.train.micro_batch_size]
+        valid = valid[: cfg.train.eval_batches * batch_layout(cfg.train, 1).micro_batch_size]
     counts = np.bincount(train[:, 1:].ravel(), minlength=vocab) + 0.5
     unigram = -np.log(counts[valid[:, 1:].ravel()] / counts.sum()).mean()
     pairs = train[:, :-1].astype(np.int64) * vocab + train[:, 1:]

@@ -44,6 +44,26 @@ def prepared_small(tmp_path_factory):
     return ShardSet(out)
 
 
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory):
+    """A corpus of about 80 train samples (block 32, shards of 16): an epoch is a few steps, so tests
+    can cross one. 30 documents of 300 characters from the start of the embedded corpus's splits."""
+    import json
+
+    from gam_pretrain.data import ShardSet, SourceSpec, run_prep
+    from gam_pretrain.data.sources import _embedded_documents
+
+    corpus = tmp_path_factory.mktemp("tiny-corpus")
+    for split, count in (("train", 30), ("validation", 8)):
+        text = "".join(_embedded_documents(split))
+        docs = [text[300 * i : 300 * (i + 1)] for i in range(count)]
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = SourceSpec(kind="files", splits={s: str(corpus / f"{s}.jsonl") for s in ("train", "validation")})
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    run_prep(small_prep_config(source=spec, samples_per_shard=16), out, workers=1, log=lambda *a: None, progress=False)
+    return ShardSet(out)
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

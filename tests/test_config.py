@@ -175,10 +175,27 @@ def test_settings_added_later_keep_older_sweep_run_names():
     assert content_hash(RunConfig()) == "d846944c4a"
     other = {"model.init": "torch-default", "model.mix_dropout": False, "optim.decay": "all",
              "optim.warmup_from_zero": True, "data.tokenizer_splits": ["all"], "data.packing": "paper",
-             "train.eval_mean": "batches"}
+             "train.eval_mean": "batches", "train.micro_batch_size": 4}
     assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
     for key, value in other.items():
         cfg = RunConfig()
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
         assert content_hash(cfg) != "d846944c4a", key
+
+
+def test_the_global_batch_is_cut_by_the_world_size_or_refused_in_one_line():
+    from gam_pretrain.config import BatchLayout, TrainConfig, batch_layout
+
+    assert batch_layout(TrainConfig(batch_size=32, grad_accum=2), 4) == BatchLayout(32, 4, 4, 2)
+    # a fixed micro-batch keeps memory per rank: the accumulation follows from the world size
+    assert batch_layout(TrainConfig(batch_size=32, micro_batch_size=4), 2) == BatchLayout(32, 2, 4, 4)
+    assert batch_layout(TrainConfig(batch_size=32, micro_batch_size=4), 8) == BatchLayout(32, 8, 4, 1)
+    for train, world, message in ((TrainConfig(batch_size=16), 3, "does not divide among 3 ranks"),
+                                  (TrainConfig(batch_size=16, grad_accum=3), 2, "'train.grad_accum' \\(3\\)"),
+                                  (TrainConfig(batch_size=16, micro_batch_size=3), 2, "'train.micro_batch_size'")):
+        with pytest.raises(ConfigError, match=message) as caught:
+            batch_layout(train, world)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match="set only one of"):
+        validate(load_config(None, ["train.micro_batch_size=4", "train.grad_accum=2"]))

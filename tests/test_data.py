@@ -11,7 +11,7 @@ import pytest
 
 from conftest import small_prep_config
 from gam_pretrain.data import PrepError, ShardLoader, ShardSet, Source, SourceError, SourceSpec, run_prep, verify
-from gam_pretrain.data.shards import validation_batches
+from gam_pretrain.data.shards import _EpochOrder, validation_batches
 
 QUIET = dict(log=lambda *a: None, progress=False)
 
@@ -49,60 +49,104 @@ def test_shards_are_plain_webdataset(prepared_small):
     assert samples[1]["input_ids.npy"][0] == first[32]
 
 
-def _loader(data, rank, workers=2, seed=5, batch=128):
-    return ShardLoader(data, "train", batch, seed=seed, rank=rank, world_size=2, num_workers=workers)
+def _loader(data, rank=0, world=2, workers=2, seed=5, batch=128, micro=0):
+    return ShardLoader(data, "train", batch, seed=seed, rank=rank, world_size=world, micro_batch_size=micro,
+                       num_workers=workers)
 
 
 def _digest(batch):
     return hashlib.sha1(batch[0].numpy().tobytes()).hexdigest()
 
 
+def _rows(micro_batches) -> np.ndarray:
+    """A step's samples as stored (block_size + 1 tokens), micro-batches in order."""
+    return np.concatenate([np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1) for x, y in micro_batches])
+
+
+def _global_steps(loaders, steps):
+    """Each step's samples and ids over all ranks (rank order)."""
+    out = []
+    for _ in range(steps):
+        parts = [(_rows(loader.next_step()), loader.last_sample_ids) for loader in loaders]
+        out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+    return out
+
+
 @pytest.mark.parametrize("cross_epoch", [False, True])
-def test_loader_resume_2_ranks_x_2_workers(prepared_small, cross_epoch):
-    per_epoch = _loader(prepared_small, 0).batches_per_epoch
-    n = per_epoch - 7 if cross_epoch else 25
-    for rank in (0, 1):
-        straight = _loader(prepared_small, rank)
-        expected = [_digest(straight.next_batch()) for _ in range(2 * n)]
-        first = _loader(prepared_small, rank)
-        got = [_digest(first.next_batch()) for _ in range(n)]
-        state = json.loads(json.dumps(first.state_dict()))  # a checkpoint stores it as plain data
-        resumed = _loader(prepared_small, rank)
-        resumed.load_state_dict(state)
-        got += [_digest(resumed.next_batch()) for _ in range(n)]
-        assert got == expected
-        if cross_epoch:
-            assert resumed.epoch == 1
+def test_sample_order_is_the_seeds_alone_and_resumes_at_any_world_size_and_worker_count(prepared_small, cross_epoch):
+    per_epoch = _loader(prepared_small, world=1, workers=0).steps_per_epoch
+    n = per_epoch - 3 if cross_epoch else 5
+    straight = _global_steps([_loader(prepared_small, world=1, workers=0)], 2 * n)
+    # world 2 x 2 workers with micro-batches of 16, then a resume at world 1 (1 worker), then world 4 (no workers)
+    first = [_loader(prepared_small, rank=r, world=2, workers=2, micro=16) for r in (0, 1)]
+    got = _global_steps(first, n // 2)
+    state = json.loads(json.dumps(first[0].state_dict()))  # a checkpoint stores it as plain data
+    assert state == first[1].state_dict()
+    second = _loader(prepared_small, world=1, workers=1)
+    second.load_state_dict(state)
+    got += _global_steps([second], n - n // 2)
+    third = [_loader(prepared_small, rank=r, world=4, workers=0) for r in range(4)]
+    for loader in third:
+        loader.load_state_dict(json.loads(json.dumps(second.state_dict())))
+    got += _global_steps(third, n)
+    for step, ((rows, ids), (want_rows, want_ids)) in enumerate(zip(got, straight)):
+        assert np.array_equal(ids, want_ids) and np.array_equal(rows, want_rows), step
+    if cross_epoch:
+        assert third[0].epoch == 1
 
 
-def test_ranks_and_workers_see_disjoint_samples_covering_the_epoch(prepared_small):
+def test_a_global_batch_is_cut_into_micro_batches_per_rank(prepared_small):
+    loaders = [_loader(prepared_small, rank=r, world=2, workers=0, batch=32, micro=4) for r in (0, 1)]
+    micro = loaders[0].next_step()
+    assert [len(x) for x, _ in micro] == [4] * 4
+    with pytest.raises(ValueError, match="global batch of 30 does not cut into 4 rank"):
+        _loader(prepared_small, world=4, batch=30)
+
+
+def test_ranks_and_workers_see_every_sample_of_the_epoch_once(prepared_small):
     from collections import Counter
 
-    seen = Counter()
-    for rank in (0, 1):
-        loader = _loader(prepared_small, rank)
-        for _ in range(loader.batches_per_epoch):
-            x, y = loader.next_batch()
-            seen.update(map(bytes, np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1).astype(np.uint16)))
-    everything = Counter(bytes(row) for shard in prepared_small.shards("train") for row in prepared_small.read(shard))
-    assert not seen - everything  # no sample is served more often than it exists: the streams are disjoint
-    total = sum(everything.values())
-    assert total - 2 * 2 * 128 < sum(seen.values()) <= total  # and they cover the epoch, bar the remainders
+    loaders = [_loader(prepared_small, rank=r) for r in (0, 1)]
+    steps = _global_steps(loaders, loaders[0].steps_per_epoch)
+    ids = np.concatenate([i for _, i in steps])
+    total = sum(s["samples"] for s in prepared_small.shards("train"))
+    assert len(set(ids.tolist())) == len(ids) == total // 128 * 128  # each once, bar the remainder
+    assert ids.min() >= 0 and ids.max() < total
+    # the ids name the samples: id i is row i of the split in manifest order
+    everything = np.concatenate([prepared_small.read(shard) for shard in prepared_small.shards("train")])
+    rows = np.concatenate([r for r, _ in steps])
+    assert np.array_equal(rows, everything[ids])
+    assert not Counter(map(bytes, rows.astype(np.uint16))) - Counter(map(bytes, everything))
 
 
 def test_epochs_are_reshuffled_but_reproducible(prepared_small):
-    a, b = _loader(prepared_small, 0, workers=0), _loader(prepared_small, 0, workers=0)
-    e0 = [_digest(a.next_batch()) for _ in range(a.batches_per_epoch)]
+    a, b = _loader(prepared_small, world=1, workers=0), _loader(prepared_small, world=1, workers=0)
+    e0 = [_digest(a.next_step()[0]) for _ in range(a.steps_per_epoch)]
     assert a.epoch == 1
-    e1 = [_digest(a.next_batch()) for _ in range(5)]
-    assert e1 != e0[:5] and [_digest(b.next_batch()) for _ in range(5)] == e0[:5]
+    e1 = [_digest(a.next_step()[0]) for _ in range(5)]
+    assert e1 != e0[:5] and [_digest(b.next_step()[0]) for _ in range(5)] == e0[:5]
 
 
-def test_loader_refuses_resume_with_other_settings(prepared_small):
-    state = _loader(prepared_small, 0).state_dict()
-    other = ShardLoader(prepared_small, "train", 128, seed=5, rank=0, world_size=1, num_workers=2)
-    with pytest.raises(ValueError, match="world_size=2.*this run has 1"):
-        other.load_state_dict(state)
+def test_loader_refuses_resume_with_another_global_batch_or_seed(prepared_small):
+    state = _loader(prepared_small).state_dict()
+    with pytest.raises(ValueError, match="global_batch=128, this run has 64"):
+        _loader(prepared_small, world=1, batch=64).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=5, this run has 6"):
+        _loader(prepared_small, seed=6).load_state_dict(state)
+
+
+def test_a_cursor_from_the_per_process_loader_carries_over_where_the_order_is_the_same(prepared_small):
+    old = {"epoch": 0, "batches_in_epoch": 8, "seed": 5, "batch_size": 32, "world_size": 1, "num_workers": 0,
+           "split": "train", "data_fingerprint": prepared_small.fingerprint}
+    loader = _loader(prepared_small, world=1, workers=0)  # global batch 128 = 4 of the old micro-batches of 32
+    loader.load_state_dict(old)
+    straight = _loader(prepared_small, world=1, workers=0)
+    _global_steps([straight], 2)
+    assert np.array_equal(_global_steps([loader], 1)[0][1], _global_steps([straight], 1)[0][1])
+    with pytest.raises(ValueError, match="world_size=2 and num_workers=0.*checkpoint.resume=never"):
+        loader.load_state_dict({**old, "world_size": 2})
+    with pytest.raises(ValueError, match="not fall as"):
+        loader.load_state_dict({**old, "batches_in_epoch": 6})
 
 
 def test_validation_is_read_in_full_in_order(prepared_small):
@@ -318,7 +362,7 @@ def flip_token_bits(path: Path, samples: int = 50) -> None:
 
 
 def test_corrupt_shard_never_reaches_the_model(prepared_small, tmp_path):
-    first = ShardLoader(prepared_small, "train", 8, seed=0, num_workers=2)._plan(0).shards[0][1]
+    first = _EpochOrder(prepared_small.shards("train"), seed=0, epoch=0).shards[0][1]
     validation = prepared_small.shards("validation")[0]
     data = linked_copy(prepared_small, tmp_path / "data", (first["path"], validation["path"]))
     flip_token_bits(data / first["path"])
@@ -329,7 +373,7 @@ def test_corrupt_shard_never_reaches_the_model(prepared_small, tmp_path):
         shards.read(first)
     loader = ShardLoader(shards, "train", 8, seed=0, num_workers=2)  # raised in a worker, re-raised as one line
     with pytest.raises(PrepError, match=first["path"]) as caught:
-        loader.next_batch()
+        loader.next_step()
     assert "\n" not in str(caught.value)
     with pytest.raises(PrepError, match=validation["path"]):
         list(validation_batches(shards, "validation", 8))
@@ -619,8 +663,8 @@ def test_loader_serves_a_paper_packed_split_as_a_shuffle_of_its_chunks(tmp_path)
     for seed in (3, 4):
         loader = ShardLoader(data, "train", 8, seed=seed, num_workers=0)
         served = []
-        for _ in range(loader.batches_per_epoch):
-            x, y = loader.next_batch()
+        for _ in range(loader.steps_per_epoch):
+            ((x, y),) = loader.next_step()
             served += [tuple(r) for r in np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1).astype(np.uint16)]
         assert not Counter(served) - Counter(chunks)  # only chunks of the split, none twice
         assert len(served) == len(chunks) // 8 * 8

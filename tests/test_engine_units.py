@@ -15,7 +15,7 @@ from gam_pretrain.train.engines.zero import deepspeed_config
 def test_deepspeed_json_is_generated_and_extra_keys_merge_over_it():
     engine = EngineConfig(kind="deepspeed", zero_stage=3, offload_optimizer=True,
                           deepspeed_extra=json.dumps({"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True}))
-    run = RunConfig(engine=engine, optim=OptimConfig(grad_clip=0.5), train=TrainConfig(batch_size=8, grad_accum=2))
+    run = RunConfig(engine=engine, optim=OptimConfig(grad_clip=0.5), train=TrainConfig(batch_size=64, grad_accum=2))
     cfg = deepspeed_config(run, world_size=8, bf16=True)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True}

@@ -33,18 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(spec: dict, workdir: Path, name: str) -> subprocess.Popen:
+def torchrun(spec: dict, workdir: Path, name: str, ranks: int = 2) -> subprocess.Popen:
     spec_file = workdir / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(SCENARIOS), str(spec_file)]
     return subprocess.Popen(cmd, env=env, stdout=open(workdir / f"{name}.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def run_to_end(spec: dict, workdir: Path, name: str) -> dict:
-    proc = torchrun(spec, workdir, name)
+def run_to_end(spec: dict, workdir: Path, name: str, ranks: int = 2) -> dict:
+    proc = torchrun(spec, workdir, name, ranks)
     if proc.wait(timeout=600) != 0:
         raise AssertionError(f"torchrun {name} failed:\n" + (workdir / f"{name}.log").read_text()[-4000:])
     return json.loads(Path(spec["out"]).read_text())
@@ -69,23 +69,61 @@ _results: dict[str, dict] = {}
 UNREACHED_CLIP = ["optim.grad_clip=1000"]
 
 
-def engine_results(engine: str, data, tmp_root: Path) -> dict:
-    """Launch A: per family, 2N steps straight, and N steps then stop with a checkpoint.
-    Launch B (a new process group): per family, resume and run to 2N."""
+# Elastic runs: the tiny corpus (an epoch of 8 global batches of 16), dropout 0, 2 x ELASTIC_N steps,
+# a kept checkpoint at ELASTIC_N; resumed at the other world size from it.
+ELASTIC_N = 6
+ELASTIC_FAMILIES = ["gam", "transformer"]
+
+
+def elastic_overrides(tiny, out: Path, engine: str, arch: str, name: str, resume_from: Path | None = None):
+    extra = ["model.dropout=0", "train.batch_size=16", "train.eval_batches=0", "data.log_sample_ids=true",
+             f"checkpoint.interval_steps={ELASTIC_N}", f"checkpoint.keep_every={ELASTIC_N}", *UNREACHED_CLIP]
+    if resume_from:
+        extra.append(f"checkpoint.resume={resume_from / 'checkpoints' / f'step_{ELASTIC_N:08d}'}")
+    return overrides(tiny, out, engine, arch, name, steps=2 * ELASTIC_N, extra=[*extra, f"data.dir={tiny.path}"])
+
+
+def engine_results(engine: str, data, tmp_root: Path, tiny) -> dict:
+    """Launch A (2 ranks): per family, 2N steps straight, and N steps then stop with a checkpoint;
+    elastic: 2 x ELASTIC_N steps at world 2. Launch A1 (1 rank): elastic at world 1, and resumed at
+    world 1 from world 2's checkpoint. Launch B (2 ranks, a new process group): per family, resume
+    and run to 2N; elastic: resumed at world 2 from world 1's checkpoint."""
     if engine not in _results:
         work = tmp_root / engine
         work.mkdir(parents=True, exist_ok=True)
+
+        def elastic(arch, name, resume_from=None):
+            return {"name": f"{name}-{arch}", "overrides": elastic_overrides(
+                tiny, work, engine, arch, f"{name}-{arch}", work / f"{resume_from}-{arch}" if resume_from else None)}
+
         first = {"runs": [r for arch in FAMILIES for r in (
             {"name": f"straight-{arch}", "overrides": overrides(data, work, engine, arch, f"straight-{arch}",
                                                                 extra=UNREACHED_CLIP)},
             {"name": f"cut-{arch}", "overrides": overrides(data, work, engine, arch, f"resumed-{arch}",
-                                                           extra=[f"train.stop_at_step={N}", *UNREACHED_CLIP])})],
-                 "out": str(work / "a.json")}
+                                                           extra=[f"train.stop_at_step={N}", *UNREACHED_CLIP])})]
+                 + [elastic(arch, "world2") for arch in ELASTIC_FAMILIES], "out": str(work / "a.json")}
+        one_rank = {"runs": [r for arch in ELASTIC_FAMILIES for r in (
+            elastic(arch, "world1"), elastic(arch, "from2to1", "world2"))], "out": str(work / "a1.json")}
         second = {"runs": [{"name": f"resumed-{arch}", "overrides": overrides(data, work, engine, arch, f"resumed-{arch}",
                                                                               extra=UNREACHED_CLIP)}
-                           for arch in FAMILIES], "out": str(work / "b.json")}
-        _results[engine] = {**run_to_end(first, work, "a"), **run_to_end(second, work, "b")}
+                           for arch in FAMILIES] + [elastic(arch, "from1to2", "world1") for arch in ELASTIC_FAMILIES],
+                  "out": str(work / "b.json")}
+        _results[engine] = {**run_to_end(first, work, "a"), **run_to_end(one_rank, work, "a1", ranks=1),
+                            **run_to_end(second, work, "b")}
     return _results[engine]
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    """Each step's sample ids over all ranks (rank order), from data.log_sample_ids; a step logged
+    twice (re-run after a resume) counts as its last line."""
+    per_rank = []
+    for path in sorted((run_dir / "sample_ids").glob("rank*.jsonl")):
+        steps = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]] = record["ids"]
+        per_rank.append(steps)
+    return {step: [i for steps in per_rank for i in steps[step]] for step in per_rank[0]}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +132,8 @@ def tmp_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_save_new_launch_resume_is_exact(engine, prepared_small, tmp_root):
-    results = engine_results(engine, prepared_small, tmp_root)
+def test_save_new_launch_resume_is_exact(engine, prepared_small, prepared_tiny, tmp_root):
+    results = engine_results(engine, prepared_small, tmp_root, prepared_tiny)
     for arch in FAMILIES:
         straight, resumed = results[f"straight-{arch}"], results[f"resumed-{arch}"]
         assert results[f"cut-{arch}"]["loss_curve"] == straight["loss_curve"][:N]
@@ -104,8 +142,37 @@ def test_save_new_launch_resume_is_exact(engine, prepared_small, tmp_root):
         assert resumed["val_loss"] == straight["val_loss"], arch
 
 
-def test_engines_agree_with_each_other(prepared_small, tmp_root):
-    curves = {e: engine_results(e, prepared_small, tmp_root) for e in ENGINES}
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_resume_at_another_world_size(engine, prepared_small, prepared_tiny, tmp_root):
+    """2 -> 1 and 1 -> 2 ranks, from a checkpoint at step ELASTIC_N of 2 x ELASTIC_N (an epoch is 8
+    steps, so the runs cross one): every global batch is the one the uninterrupted run trained on
+    (sample ids logged by every rank), each sample once per epoch; with dropout 0 the first step
+    after the resume has the uninterrupted run's loss (the same batch summed in another order), and
+    the final validation loss is the uninterrupted run's at the new world size."""
+    results = engine_results(engine, prepared_small, tmp_root, prepared_tiny)
+    work = tmp_root / engine
+    epoch = sum(s["samples"] for s in prepared_tiny.shards("train")) // 16
+    assert ELASTIC_N < epoch < 2 * ELASTIC_N
+    for arch in ELASTIC_FAMILIES:
+        for source, resumed, same_world in (("world2", "from2to1", "world1"), ("world1", "from1to2", "world2")):
+            before, after = sample_ids(work / f"{source}-{arch}"), sample_ids(work / f"{resumed}-{arch}")
+            assert sorted(after) == list(range(ELASTIC_N + 1, 2 * ELASTIC_N + 1))  # it trained the steps after N
+            combined = {**{s: ids for s, ids in before.items() if s <= ELASTIC_N}, **after}
+            assert combined == sample_ids(work / f"{same_world}-{arch}") == before  # the seed's batches, at any world
+            first_epoch = [i for step in range(1, epoch + 1) for i in combined[step]]
+            assert len(first_epoch) == len(set(first_epoch)) == epoch * 16  # every sample of the epoch once
+            second_epoch = [i for step in range(epoch + 1, 2 * ELASTIC_N + 1) for i in combined[step]]
+            assert len(second_epoch) == len(set(second_epoch))
+            got, want = results[f"{resumed}-{arch}"], results[f"{source}-{arch}"]
+            assert got["loss_curve"][:ELASTIC_N] == want["loss_curve"][:ELASTIC_N]  # carried in the checkpoint
+            assert got["loss_curve"][ELASTIC_N] == pytest.approx(want["loss_curve"][ELASTIC_N], rel=1e-5), (arch, resumed)
+            np.testing.assert_allclose(got["loss_curve"], want["loss_curve"], rtol=1e-4)
+            reference = results[f"{same_world}-{arch}"]["val_loss"]
+            assert abs(got["val_loss"] - reference) < 0.005 * reference, (arch, resumed)
+
+
+def test_engines_agree_with_each_other(prepared_small, prepared_tiny, tmp_root):
+    curves = {e: engine_results(e, prepared_small, tmp_root, prepared_tiny) for e in ENGINES}
     for arch in FAMILIES:
         norms = [json.loads(line).get("grad_norm", 0.0) for line in
                  (tmp_root / "ddp" / f"straight-{arch}" / "metrics.jsonl").read_text().splitlines()]
@@ -116,17 +183,18 @@ def test_engines_agree_with_each_other(prepared_small, tmp_root):
         np.testing.assert_allclose(curves["zero3"][f"straight-{arch}"]["loss_curve"], ddp, rtol=0, atol=1e-6)
 
 
-def test_sharding_engines_hold_their_share_of_the_model_state(prepared_small, tmp_root):
+def test_sharding_engines_hold_their_share_of_the_model_state(prepared_small, prepared_tiny, tmp_root):
     """Parameters + optimizer state per rank (the summary's model_state_bytes_per_rank), world 2:
     ZeRO-1/2 shard the Adam moments, ZeRO-3 and FSDP2 shard everything (about half of DDP's)."""
-    state = {e: max(engine_results(e, prepared_small, tmp_root)["straight-gam"]["model_state_bytes_per_rank"])
+    state = {e: max(engine_results(e, prepared_small, tmp_root, prepared_tiny)["straight-gam"]["model_state_bytes_per_rank"])
              for e in ENGINES}
     assert state["zero1"] == state["zero2"] < 0.9 * state["ddp"]
     for engine in ("zero3", "fsdp2"):
         assert 0.45 * state["ddp"] < state[engine] < 0.55 * state["ddp"], (engine, state)
 
 
-def test_exports_from_every_engine_hold_the_same_weights_and_eval_matches(prepared_small, tmp_root, tmp_path):
+def test_exports_from_every_engine_hold_the_same_weights_and_eval_matches(prepared_small, prepared_tiny, tmp_root,
+                                                                          tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -134,7 +202,7 @@ def test_exports_from_every_engine_hold_the_same_weights_and_eval_matches(prepar
 
     weights = {}
     for engine in ENGINES:
-        results = engine_results(engine, prepared_small, tmp_root)
+        results = engine_results(engine, prepared_small, tmp_root, prepared_tiny)
         out = tmp_path / engine
         assert main(["export", str(tmp_root / engine / "straight-gam"), "--out", str(out)]) == 0
         weights[engine] = load_file(str(out / "model.safetensors"))
@@ -182,3 +250,53 @@ def test_preemption_signal_to_one_rank_saves_on_all_and_exits_for_requeue(prepar
                             "out": str(tmp_path / "ref.json")}, tmp_path, "ref")["r"]
     resumed = run_to_end(spec, tmp_path, "victim-resumed")["r"]
     assert resumed["params_checksum"] == reference["params_checksum"]
+
+
+SHARDED = [e for e in ("fsdp2", "zero3") if e in ENGINES]
+
+
+def init_spec(out: Path, runs: list[tuple[str, str, list[str]]]) -> dict:
+    return {"runs": [{"name": name, "init_only": True, "overrides": ["data.dir=/unused", "train.seed=7", *ENGINES[engine],
+                                                                      *extra]}
+                     for name, engine, extra in runs], "out": str(out)}
+
+
+def test_deferred_init_gives_the_single_process_weights_bit_for_bit(tmp_path):
+    """FSDP2 and ZeRO-3 build the model on the meta device and materialize it one unit at a time,
+    sharded; the gathered initial weights equal build_model's on one process, for every family,
+    and the global random stream after init is the same too (dropout draws from it)."""
+    import torch
+
+    from gam_pretrain.config import load_config
+    from gam_pretrain.train.loop import params_checksum
+
+    tiny = ["model.vocab_size=512", "model.block_size=32", "model.d_model=64", "model.n_layers=3",
+            "model.memory_slots=16", "model.n_heads=4", "model.expand=2", "model.d_state=4"]
+    runs = [(f"{engine}-{arch}", engine, [*tiny, f"model.arch={arch}"]) for engine in SHARDED for arch in FAMILIES]
+    results = run_to_end(init_spec(tmp_path / "init.json", runs), tmp_path, "init")
+    for arch in FAMILIES:
+        from gam_pretrain.models import build_model
+
+        cfg = load_config(None, [*tiny, f"model.arch={arch}", "train.seed=7"])
+        torch.manual_seed(7)
+        build_model(cfg.model, seed=7)
+        draw = float(torch.randn(()))
+        expected = params_checksum(build_model(cfg.model, seed=7).state_dict())
+        for engine in SHARDED:
+            got = results[f"{engine}-{arch}"]
+            assert got["params_checksum"] == expected, (engine, arch)
+            assert got["after_init_draw"] == draw, (engine, arch)
+            assert all(peak is not None for peak in got["materialize_rss_growth"])  # the deferred path ran
+
+
+@pytest.mark.parametrize("engine", SHARDED)
+def test_deferred_init_never_holds_the_whole_model(engine, tmp_path):
+    """GAM with 109M parameters (435 MB in fp32) on 2 ranks: each rank's peak RSS grows, while the
+    model is materialized, by its half of the parameters plus one unit at a time and allocator slack,
+    never by the whole model (what building it whole first costs, before any sharding)."""
+    big = ["model.arch=gam", "model.d_model=768", "model.n_layers=16"]
+    result = run_to_end(init_spec(tmp_path / "init.json", [("big", engine, big)]), tmp_path, "init")["big"]
+    full = result["param_bytes"]
+    assert full > 400e6
+    for growth in result["materialize_rss_growth"]:
+        assert growth < 0.8 * full, (growth / full, result)

@@ -7,7 +7,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model_config
 from gam_pretrain.models import REGISTRY, ModelConfig, build_model, variant_configs
-from gam_pretrain.models.gam import GAM
 from gam_pretrain.models.mamba import MambaMixer, SelectiveScan
 
 PAPER_COUNTS = {
@@ -112,7 +111,7 @@ def test_gam_block_equations_by_hand():
     """One GAM block against the equations written out element by element."""
     torch.manual_seed(0)
     cfg = tiny_model_config(arch="gam", d_model=8, memory_slots=5)
-    block = GAM(cfg).blocks[0].eval()
+    block = build_model(cfg).blocks[0].eval()
     x = torch.randn(1, 6, 8)
     h = torch.nn.functional.layer_norm(x, (8,), block.ln1.weight, block.ln1.bias)
     w = block.conv.weight[:, 0, :]  # (C, k)

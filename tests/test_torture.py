@@ -194,3 +194,25 @@ def test_training_survives_random_kills_and_damaged_checkpoints(engine, prepared
     assert got["loss_curve"] == want["loss_curve"], f"seed {SEED}: {done}"
     assert got["params_checksum"] == want["params_checksum"], f"seed {SEED}: {done}"
     assert not list((run_dir / "checkpoints").glob("*.partial")), f"seed {SEED}: {done}"
+
+
+def test_a_kill_during_an_async_write_leaves_no_loadable_partial_checkpoint(prepared_small, tmp_path):
+    """SIGKILL from the background thread of an async save, its engine file written and fsynced,
+    files.json and COMPLETE not yet: the folder stays `.partial` (never loaded), the checkpoint before
+    it stays intact, and a relaunch ends in the uninterrupted result."""
+    reference = launch(train_args(prepared_small, tmp_path, "reference", "single"), "single", tmp_path / "ref.log")
+    assert reference.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    args = train_args(prepared_small, tmp_path, "victim", "single")
+    note = tmp_path / "died-in"
+    proc = launch(args, "single", tmp_path / "victim.log", {"GAM_KILL_IN_SAVE": "6:after", "GAM_KILL_NOTE": str(note)})
+    assert proc.wait(timeout=600) == -signal.SIGKILL
+    assert note.read_text().startswith("checkpoint")  # the async writer's thread, not the step loop
+    run_dir = tmp_path / "victim"
+    partial = run_dir / "checkpoints" / "step_00000006.partial"
+    assert (partial / "model_optim.pt").is_file() and not (partial / "COMPLETE").exists()
+    assert [step for step, _ in intact_checkpoints(run_dir)] == [2, 4] == [s for s, _ in complete_checkpoints(run_dir)]
+    final = launch(args, "single", tmp_path / "victim.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "victim.log").read_text()[-3000:]
+    got = json.loads((run_dir / "summary.json").read_text())
+    want = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert got["loss_curve"] == want["loss_curve"] and got["params_checksum"] == want["params_checksum"]

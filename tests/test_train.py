@@ -47,7 +47,7 @@ def test_tiny_training_run_learns(tmp_path, prepared_small, arch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
     state = read_trainer_state(run_dir / "checkpoints" / "step_00000040")
-    assert state["step"] == 40 and state["loader"]["batches_in_epoch"] == 40 and len(state["history"]) == 40
+    assert state["step"] == 40 and state["loader"]["global_batches_in_epoch"] == 40 and len(state["history"]) == 40
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, prepared_small):

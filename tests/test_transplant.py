@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import paper_reference as paper
 from gam_pretrain.accel import apply_accel
-from gam_pretrain.config import load_config
+from gam_pretrain.config import batch_layout, load_config
 from gam_pretrain.data import ShardSet, run_prep
 from gam_pretrain.data.cache import recipe_prep
 from gam_pretrain.data.prep import tokenizer_splits as prep_tokenizer_splits
@@ -482,7 +482,7 @@ def test_validation_loss_is_the_papers(paper_data):
     ours = build_ours(cfg)
     transplant("gam", ref, ours)
     chunks = paper.paper_chunks(reference, rows["validation"], cfg.model.block_size)
-    batch = cfg.train.micro_batch_size
+    batch = batch_layout(cfg.train, 1).micro_batch_size
     assert batch == paper.Config().BATCH_SIZE and len(chunks) % batch, "the last batch should be a partial one"
     expected, _ = paper.evaluate(ref, [paper.paper_batch(chunks[i:i + batch]) for i in range(0, len(chunks), batch)])
     autocast = autocast_for(CPU, cfg.train.precision)
@@ -499,7 +499,7 @@ def test_validation_loss_is_the_papers(paper_data):
 def test_an_epoch_is_the_papers(paper_data):
     data, cfg, _, _ = paper_data
     n = sum(shard["samples"] for shard in data.shards("train"))
-    batch = cfg.train.micro_batch_size
+    batch = batch_layout(cfg.train, 1).micro_batch_size
     assert n % batch, "needs a partial last batch to tell"
     loader = ShardLoader(data, "train", batch, seed=cfg.train.seed)
-    assert loader.batches_per_epoch == math.ceil(n / batch)
+    assert loader.steps_per_epoch == math.ceil(n / batch)

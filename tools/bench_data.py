@@ -62,10 +62,10 @@ def main() -> None:
         loader_result = {}
         for num_workers in (0, 2):
             loader = ShardLoader(shards, "train", 8, seed=0, num_workers=num_workers)
-            loader.next_batch()
+            loader.next_step()
             t0 = time.perf_counter()
             for _ in range(args.loader_batches):
-                loader.next_batch()
+                loader.next_step()
             loader_result[f"num_workers_{num_workers}_tokens_per_s"] = (
                 args.loader_batches * 8 * 256 / (time.perf_counter() - t0))
 
@@ -73,11 +73,11 @@ def main() -> None:
         cpu = torch.device("cpu")
         engine = SingleEngine(apply_accel(build_model(cfg.model), cfg.train.accel, cpu), cfg, cpu)
         loader = ShardLoader(shards, "train", 8, seed=0)
-        engine.train_step([loader.next_batch()], 0, 1)
+        engine.train_step(loader.next_step(), 0, 1)
         times = []
         for _ in range(args.train_steps):
             t0 = time.perf_counter()
-            engine.train_step([loader.next_batch()], 0, 1)
+            engine.train_step(loader.next_step(), 0, 1)
             times.append(time.perf_counter() - t0)
         consumption = 8 * 256 / statistics.median(times)
         loader_result["gam_paper_training_tokens_per_s"] = consumption

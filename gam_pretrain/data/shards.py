@@ -1,25 +1,29 @@
-"""Reading prepared shards: a training loader with an exact, arithmetic resume, and validation.
+"""Reading prepared shards: a training loader whose sample order depends on the seed alone, with an
+exact resume at any world size or worker count, and validation.
 
-Each epoch, the shards are put in an order drawn from (seed, epoch), and the samples they hold,
-taken in that order, form one sequence of N samples. That sequence is cut into S = world_size x
-max(1, num_workers) equal contiguous ranges, one per stream (a DataLoader worker of one rank);
-a range may start or end inside a shard, so ranks and workers get equal shares and each reads
-only the shards its range touches. Inside a shard the samples are visited in an order drawn from
-(seed, epoch, shard). Every stream yields the same number of whole batches per epoch
-(floor(N / S / batch), the remainder is dropped), and a rank's batches alternate over its workers
-exactly as torch's DataLoader returns them (batch j from worker j mod W).
+Each epoch, the shards are put in an order drawn from (seed, epoch), and inside each shard its
+samples in an order drawn from (seed, epoch, shard): taken in that order they form one sequence
+of the split's N samples, the same for every world size. Global batch g of the epoch is samples
+[g*B, (g+1)*B) of that sequence (B = train.batch_size, the global batch; the last N mod B samples
+are dropped). Rank r of W takes the r-th of W equal contiguous slices of it, cut into its
+micro-batches. DataLoader workers take whole global batches (batch g from worker g mod workers)
+and the loader re-emits them in order, so neither the world size nor the worker count changes
+which samples a step trains on: only which rank computes which of them.
 
-So the loader's state is (epoch, batches consumed in the epoch) plus the settings it depends on,
-and a resume recomputes where every worker stands: nothing is replayed. Resuming with another
-world size, worker count, batch size or seed is refused (the stream would differ); a run that
-must change them starts a new epoch plan from a fresh loader.
+So the loader's state is a cursor (epoch, global batches consumed in it) plus the seed, the global
+batch and the data it depends on; a resume recomputes where every worker stands, nothing is
+replayed, and a resume at another world size or worker count continues the same sequence.
+
+Every rank reads each shard its slices touch whole (its sha256 is checked before it is parsed),
+so at W ranks the shards are read W times per epoch; a format with checksums per member would
+let a rank read only its rows (a limitation stated in the README).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,143 +81,182 @@ def _to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1], batch[:, 1:]
 
 
-class _EpochPlan:
-    """Which samples every stream reads in one epoch (pure arithmetic on the manifest)."""
+class _EpochOrder:
+    """The epoch's sample sequence (pure arithmetic on the manifest): which samples of which shards
+    sit at positions [lo, hi), and their ids (a sample's index in the split, in manifest order)."""
 
-    def __init__(self, shards: list[dict], seed: int, epoch: int, streams: int, batch_size: int):
-        self.seed, self.epoch, self.batch_size = seed, epoch, batch_size
+    def __init__(self, shards: list[dict], seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+        first_id = np.concatenate([[0], np.cumsum([s["samples"] for s in shards])])
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-        self.shards = [(int(i), shards[i]) for i in order]
-        self.starts = np.concatenate([[0], np.cumsum([s["samples"] for _, s in self.shards])])
-        total = int(self.starts[-1])
-        self.per_stream = total // streams
-        self.batches_per_stream = self.per_stream // batch_size
+        self.shards = [(int(i), shards[i], int(first_id[i])) for i in order]
+        self.starts = np.concatenate([[0], np.cumsum([s["samples"] for _, s, _ in self.shards])])
+        self.total = int(self.starts[-1])
 
-    def stream_batches(self, shard_set: ShardSet, stream: int, first_batch: int) -> Iterator[np.ndarray]:
-        """Batches first_batch.. of one stream, read shard by shard."""
-        lo = stream * self.per_stream + first_batch * self.batch_size
-        hi = stream * self.per_stream + self.batches_per_stream * self.batch_size
-        pending: list[np.ndarray] = []
-        have = 0
+    def rows(self, shard_set: ShardSet, lo: int, hi: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Samples at positions [lo, hi) and their ids; `cache` keeps the last shard read (callers
+        walk forward through the sequence, so each shard is read once per reader and epoch)."""
+        parts, ids = [], []
         k = int(np.searchsorted(self.starts, lo, side="right") - 1)
         while lo < hi:
-            index, shard = self.shards[k]
+            index, shard, first_id = self.shards[k]
             begin, end = int(self.starts[k]), int(self.starts[k + 1])
-            perm = np.random.default_rng([self.seed, self.epoch, index]).permutation(end - begin)
-            take = perm[lo - begin : min(hi, end) - begin]
-            rows = shard_set.read(shard)[take]
-            pending.append(rows)
-            have += len(rows)
+            if cache.get("key") != (self.epoch, index):
+                cache.clear()  # one shard at a time: a reader's memory does not grow with the corpus
+                cache.update(key=(self.epoch, index), rows=shard_set.read(shard),
+                             perm=np.random.default_rng([self.seed, self.epoch, index]).permutation(end - begin))
+            take = cache["perm"][lo - begin : min(hi, end) - begin]
+            parts.append(cache["rows"][take])
+            ids.append(first_id + take)
             lo = min(hi, end)
             k += 1
-            while have >= self.batch_size:
-                joined = np.concatenate(pending)
-                yield joined[: self.batch_size]
-                rest = joined[self.batch_size :]
-                pending, have = ([rest] if len(rest) else []), len(rest)
+        return np.concatenate(parts), np.concatenate(ids)
 
 
-class _StreamDataset(IterableDataset):
-    def __init__(self, shard_set, plan, rank, workers, first_batch_of_worker):
-        self.shard_set, self.plan, self.rank, self.workers = shard_set, plan, rank, workers
-        self.first_batch_of_worker = first_batch_of_worker
+class _StepDataset(IterableDataset):
+    """This rank's share of global batches first.. of one epoch, one item per optimizer step:
+    (its micro-batches, the ids of its samples). A DataLoader worker w takes batches g = w mod workers."""
+
+    def __init__(self, shard_set, order: _EpochOrder, layout: "LoaderLayout", first_batch: int, workers: int):
+        self.shard_set, self.order, self.layout = shard_set, order, layout
+        self.first_batch, self.workers = first_batch, workers
 
     def __iter__(self):
         info = get_worker_info()
         w = info.id if info is not None else 0
-        stream = self.rank * self.workers + w
+        lay, cache = self.layout, {}
+        start = self.first_batch + (w - self.first_batch) % self.workers  # this worker's first g >= first_batch
         try:
-            for rows in self.plan.stream_batches(self.shard_set, stream, self.first_batch_of_worker[w]):
-                yield w, _to_batch(rows)
+            for g in range(start, lay.batches_per_epoch(self.order.total), self.workers):
+                lo = g * lay.global_batch + lay.rank * lay.per_rank
+                rows, ids = self.order.rows(self.shard_set, lo, lo + lay.per_rank, cache)
+                micro = [_to_batch(rows[i : i + lay.micro_batch_size])
+                         for i in range(0, lay.per_rank, lay.micro_batch_size)]
+                yield w, (micro, ids)
         except PrepError as e:
             yield w, e  # re-raised by the reader: raised in a DataLoader worker, its one line would become a traceback
 
 
-class ShardLoader:
-    """Training batches from one split: `next_batch()`, `state_dict()`, `load_state_dict()`."""
-
-    def __init__(self, shard_set: ShardSet, split: str, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0):
-        self.shard_set, self.split = shard_set, split
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.workers = max(1, num_workers)
-        self.shard_list = shard_set.shards(split)
-        self.epoch, self.batches_in_epoch = 0, 0
-        plan = self._plan(0)
-        if plan.batches_per_stream == 0:
-            total = int(plan.starts[-1])
-            raise PrepError(f"split {split!r} has {total} samples: too few for {world_size} rank(s) x "
-                            f"{self.workers} worker(s) x batch {batch_size}; use a smaller batch or fewer workers")
-        self._iterator = None
-
-    def _plan(self, epoch: int) -> _EpochPlan:
-        return _EpochPlan(self.shard_list, self.seed, epoch, self.world_size * self.workers, self.batch_size)
+@dataclass(frozen=True)
+class LoaderLayout:
+    """This rank's cut of every global batch: rank `rank` of `world_size` takes per_rank sequences as
+    micro-batches of micro_batch_size."""
+    global_batch: int
+    micro_batch_size: int
+    rank: int = 0
+    world_size: int = 1
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self._plan(self.epoch).batches_per_stream * self.workers
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    def batches_per_epoch(self, samples: int) -> int:
+        return samples // self.global_batch
+
+
+class ShardLoader:
+    """Training batches from one split, one optimizer step at a time: `next_step()` (this rank's
+    micro-batches of the next global batch), `last_sample_ids`, `state_dict()`, `load_state_dict()`."""
+
+    def __init__(self, shard_set: ShardSet, split: str, global_batch: int, seed: int, rank: int = 0,
+                 world_size: int = 1, micro_batch_size: int = 0, num_workers: int = 0):
+        if global_batch % world_size or (micro_batch_size and (global_batch // world_size) % micro_batch_size):
+            raise ValueError(f"a global batch of {global_batch} does not cut into {world_size} rank(s) x "
+                             f"micro-batches of {micro_batch_size}")
+        self.shard_set, self.split, self.seed = shard_set, split, seed
+        self.layout = LoaderLayout(global_batch, micro_batch_size or global_batch // world_size, rank, world_size)
+        self.num_workers = num_workers
+        self.shard_list = shard_set.shards(split)
+        self.samples = sum(s["samples"] for s in self.shard_list)
+        self.epoch, self.batches_in_epoch = 0, 0
+        self.last_sample_ids = np.zeros(0, dtype=np.int64)
+        if self.steps_per_epoch == 0:
+            raise PrepError(f"split {split!r} has {self.samples} samples: too few for one global batch of "
+                            f"{global_batch}; use a smaller train.batch_size")
+        self._iterator = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.layout.batches_per_epoch(self.samples)
 
     @property
     def epoch_progress(self) -> float:
-        return self.epoch + self.batches_in_epoch / self.batches_per_epoch
+        return self.epoch + self.batches_in_epoch / self.steps_per_epoch
 
     def _start_epoch_iterator(self):
-        plan = self._plan(self.epoch)
-        k = self.batches_in_epoch
-        first = [(k - w + self.workers - 1) // self.workers for w in range(self.workers)]  # #{j < k : j % W == w}
-        dataset = _StreamDataset(self.shard_set, plan, self.rank, self.workers, first)
+        order = _EpochOrder(self.shard_list, self.seed, self.epoch)
+        workers = max(1, self.num_workers)
+        dataset = _StepDataset(self.shard_set, order, self.layout, self.batches_in_epoch, workers)
         if self.num_workers == 0:
-            return (batch for _, batch in dataset)
+            return (item for _, item in dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
                             multiprocessing_context="fork")
-        return _in_worker_order(iter(loader), k % self.workers, self.workers)
+        return _in_worker_order(iter(loader), self.batches_in_epoch % workers, workers)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch (its ids in `last_sample_ids`)."""
         if self._iterator is None:
             self._iterator = self._start_epoch_iterator()
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            self._iterator = self._start_epoch_iterator()
-            batch = next(self._iterator)
-        if isinstance(batch, PrepError):
+        item = next(self._iterator)
+        if isinstance(item, PrepError):
             self._iterator = None
-            raise batch
+            raise item
+        micro, self.last_sample_ids = item
         self.batches_in_epoch += 1
-        if self.batches_in_epoch == self.batches_per_epoch:
+        if self.batches_in_epoch == self.steps_per_epoch:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             self._iterator = None
-        return batch
+        return micro
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size, "num_workers": self.num_workers,
-                "split": self.split, "data_fingerprint": self.shard_set.fingerprint}
+        """The cursor, in terms that hold at any world size and worker count."""
+        return {"epoch": self.epoch, "global_batches_in_epoch": self.batches_in_epoch, "seed": self.seed,
+                "global_batch": self.layout.global_batch, "split": self.split,
+                "data_fingerprint": self.shard_set.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "world_size", "num_workers", "split", "data_fingerprint"):
+        if "global_batch" not in state:
+            state = _from_per_rank_state(state, self.layout.global_batch, self.samples)
+        for key in ("seed", "global_batch", "split", "data_fingerprint"):
             mine = self.state_dict()[key]
             if state[key] != mine:
-                raise ValueError(
-                    f"cannot resume the data loader: it was saved with {key}={state[key]!r}, this run has {mine!r}. "
-                    "Resuming needs the same data, seed, batch size, world size and loader workers."
-                )
-        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+                raise ValueError(f"cannot resume the data loader: it was saved with {key}={state[key]!r}, this run "
+                                 f"has {mine!r}. Resuming needs the same data, seed and global batch "
+                                 "(train.batch_size); the world size and loader workers may change")
+        self.epoch, self.batches_in_epoch = state["epoch"], state["global_batches_in_epoch"]
         self._iterator = None
 
 
+def _from_per_rank_state(state: dict, global_batch: int, samples: int) -> dict:
+    """A cursor saved by the loader before global batches (gam-pretrain 0.1). One process without
+    loader workers read the same sequence in the same micro-batches, so its cursor carries over when
+    it stands on a step boundary of the same epochs; the old per-rank streams of other layouts have
+    no equivalent."""
+    if state.get("world_size") != 1 or state.get("num_workers") != 0:
+        raise ValueError(f"cannot resume the data loader: it was saved by gam-pretrain 0.1 with world_size="
+                         f"{state.get('world_size')} and num_workers={state.get('num_workers')}, whose per-rank "
+                         "sample streams this version does not reproduce; start the run over (checkpoint.resume=never)")
+    micro, consumed = state["batch_size"], state["batches_in_epoch"]
+    accum = global_batch // micro
+    if global_batch % micro or consumed % accum or (samples // micro) % accum:
+        raise ValueError(f"cannot resume the data loader: it was saved by gam-pretrain 0.1 with micro-batches of "
+                         f"{micro} at {consumed} batches into the epoch, whose steps and epochs do not fall as this version's "
+                         f"global batches of {global_batch} do; start the run over (checkpoint.resume=never)")
+    return {"epoch": state["epoch"], "global_batches_in_epoch": consumed // accum,
+            "seed": state["seed"], "global_batch": global_batch, "split": state["split"],
+            "data_fingerprint": state["data_fingerprint"]}
+
+
 def _in_worker_order(tagged, first_worker: int, workers: int):
-    """Batches tagged with their worker, re-emitted as worker first_worker, +1, +2, ... (mod W).
+    """Items tagged with their worker, re-emitted as worker first_worker, +1, +2, ... (mod W).
 
     The order then does not depend on how the DataLoader interleaves its workers (it restarts at
     worker 0, and skips exhausted ones), only on the plan.
     """
     buffered: list[list] = [[] for _ in range(workers)]
     want = first_worker
-    for worker, batch in tagged:
-        buffered[worker].append(batch)
+    for worker, item in tagged:
+        buffered[worker].append(item)
         while buffered[want]:
             yield buffered[want].pop(0)
             want = (want + 1) % workers

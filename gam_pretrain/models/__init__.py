@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import torch
+
 from .common import LMHeadModel, ModelConfig
 from .gam import GAM
 from .mamba import Mamba
@@ -30,10 +32,18 @@ REGISTRY: dict[str, ArchSpec] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> LMHeadModel:
+def build_model(cfg: ModelConfig, seed: int = 0, materialize: bool = True) -> LMHeadModel:
+    """The model, built on the meta device (no memory, no random draws), then materialized on the CPU
+    and initialised from `seed` (`LMHeadModel.init_weights`). materialize=False returns it on the
+    meta device, for an engine that materializes it one unit at a time, sharded (deferred init)."""
     if cfg.arch not in REGISTRY:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[cfg.arch].build(cfg)
+    with torch.device("meta"):
+        model = REGISTRY[cfg.arch].build(cfg)
+    if materialize:
+        model.to_empty(device="cpu")
+        model.init_weights(seed)
+    return model
 
 
 def variant_configs(base: ModelConfig) -> list[tuple[str, ModelConfig]]:

@@ -1,6 +1,7 @@
 """Pieces every model family shares: the config, embeddings, tied LM head, loss, init, counting."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -64,6 +65,11 @@ class CausalDepthwiseConv(nn.Conv1d):
         return y.permute(0, 2, 3, 1).squeeze(1)
 
 
+def unit_seed(seed: int, name: str) -> int:
+    """The seed of one init unit's random stream: a function of the run's seed and the unit's name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy, in fp32 whatever the logits' dtype; targets of -100 are ignored."""
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
@@ -99,29 +105,45 @@ class LMHeadModel(nn.Module):
             return logits
         return (logits if return_logits else None), cross_entropy(logits, targets)
 
-    def init_weights(self) -> None:
-        """`init: gpt2`: N(0, init_std) for linear/embedding weights, zero biases.
-        `init: torch-default`: every module's own reset_parameters (PyTorch's defaults: kaiming-uniform
-        linear and conv weights with their uniform biases, N(0, 1) position embeddings), and the tied
-        token embedding initialised as the head nn.Linear(C, V) it is in the paper's code, U(+-1/sqrt(C)).
+    def init_units(self) -> list[tuple[str, nn.Module]]:
+        """The pieces the model is initialised in: the modules outside the blocks, then each block.
 
-        Families then initialise their special parameters (see `_init_special`).
-        """
-        if self.cfg.init == "torch-default":
-            for module in self.modules():
-                if module is not self and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-            nn.init.kaiming_uniform_(self.tok_emb.weight, a=math.sqrt(5))  # nn.Linear's own weight init
-        else:
-            std = self.cfg.init_std
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
+        Each unit draws from its own random stream, keyed by the run's seed and the unit's name
+        (`unit_seed`), so its values do not depend on what else is materialized: deferred init
+        (FSDP2, ZeRO-3) builds the model on the meta device and materializes, initialises and shards
+        one unit at a time, and gets the weights of the single-process init bit for bit."""
+        if list(self.parameters(recurse=False)):
+            raise TypeError(f"{type(self).__name__} holds parameters outside its submodules; init units miss them")
+        outside = [(name, module) for name, module in self.named_children() if name != "blocks"]
+        return outside + [(f"blocks.{i}", block) for i, block in enumerate(self.blocks)]
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Every unit (`init_units`), each from the stream (seed, its name)."""
+        for name, unit in self.init_units():
+            self.init_unit(name, unit, seed)
+
+    @torch.no_grad()
+    def init_unit(self, name: str, unit: nn.Module, seed: int) -> None:
+        """`init: gpt2`: N(0, init_std) for linear/embedding weights, zero biases, PyTorch's defaults for
+        the rest (norms, convs). `init: torch-default`: every module's own reset_parameters (PyTorch's
+        defaults: kaiming-uniform linear and conv weights with their uniform biases, N(0, 1) position
+        embeddings), and the tied token embedding initialised as the head nn.Linear(C, V) it is in the
+        paper's code, U(+-1/sqrt(C)). Families then initialise their special parameters
+        (`_init_special`). The global random state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(unit_seed(seed, name))
+            for module in unit.modules():
+                if self.cfg.init == "gpt2" and isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)
-        self._init_special()
+                elif hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            if self.cfg.init == "torch-default" and unit is self.tok_emb:
+                nn.init.kaiming_uniform_(self.tok_emb.weight, a=math.sqrt(5))  # nn.Linear's own weight init
+            self._init_special(unit)
 
-    def _init_special(self) -> None:
+    def _init_special(self, unit: nn.Module) -> None:
         pass
 
     def num_parameters(self) -> int:

@@ -59,11 +59,10 @@ class GAM(LMHeadModel):
         self.mixing = mixing
         self.blocks = nn.ModuleList(GAMBlock(cfg, mixing) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
-        self.init_weights()
 
-    def _init_special(self) -> None:
-        for block in self.blocks:
-            if block.memory is None:
+    def _init_special(self, unit: nn.Module) -> None:
+        for block in unit.modules():
+            if not isinstance(block, GAMBlock) or block.memory is None:
                 continue
             if self.cfg.init == "torch-default":
                 nn.init.xavier_uniform_(block.memory)  # the paper's code

@@ -133,14 +133,14 @@ class Mamba(LMHeadModel):
         else:
             self.blocks = nn.ModuleList(ResidualMambaBlock(cfg) for _ in range(cfg.n_layers))
             self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
-        self.init_weights()
 
     def mixers(self) -> list[MambaMixer]:
         return [m for m in self.modules() if isinstance(m, MambaMixer)]
 
-    def _init_special(self) -> None:
-        for mixer in self.mixers():
-            mixer.reset_ssm_parameters()
+    def _init_special(self, unit: nn.Module) -> None:
+        for mixer in unit.modules():
+            if isinstance(mixer, MambaMixer):
+                mixer.reset_ssm_parameters()
 
     def forward_flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:
         c = self.cfg

@@ -62,7 +62,6 @@ class Transformer(LMHeadModel):
         super().__init__(cfg, learned_positions=True)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
-        self.init_weights()
 
     def forward_flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:
         c = self.cfg

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from ..models import ModelConfig, build_model
 
 FAMILIES = ("gam", "transformer", "mamba")  # each family is also the name of its registry architecture
@@ -53,8 +51,7 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
 
 
 def measure(family: str, cfg: ModelConfig) -> Rung:
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model(cfg, materialize=False)
     params = model.num_parameters()
     embedding = sum(p.numel() for name, p in model.named_parameters() if "emb" in name.split(".")[0])
     return Rung(family, cfg.d_model, cfg, params, params - embedding, model.flops_per_token(cfg.block_size))

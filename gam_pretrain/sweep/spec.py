@@ -77,7 +77,7 @@ class SweepRun:
                 "budget": self.budget, "lr": self.lr, "seed": self.seed, "run_id": self.run_id,
                 "params": self.rung.params, "non_embedding_params": self.rung.non_embedding_params,
                 "flops_per_token": self.rung.flops_per_token, "steps": self.config.train.max_steps,
-                "tokens": self.config.train.max_steps * tokens_per_step(self.config)}
+                "tokens": self.config.train.max_steps * self.config.tokens_per_step()}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -125,19 +125,11 @@ def learning_rates(spec: SweepSpec, width: int) -> list[float]:
     return [spec.lr.value]
 
 
-def world_size(cfg: RunConfig) -> int:
-    return cfg.launch.world_size if cfg.engine.kind != "single" else 1
-
-
-def tokens_per_step(cfg: RunConfig) -> int:
-    return cfg.tokens_per_step(world_size(cfg))
-
-
 def content_hash(cfg: RunConfig) -> str:
     """Everything that shapes the result; not where it is written, how it is logged or launched."""
     key = without_later_defaults(to_dict(cfg))  # sweeps expanded before a setting existed keep their names
     for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device", "accel"),
-                           "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers")}.items():
+                           "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers", "log_sample_ids")}.items():
         for name in names:
             key[section].pop(name, None)
     for section in ("launch", "logging", "checkpoint"):
@@ -162,7 +154,7 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
                     for seed in spec.seeds:
                         cfg = copy.deepcopy(spec.run)
                         cfg.model = rung.config
-                        steps = max(1, round(tokens / tokens_per_step(cfg)))
+                        steps = max(1, round(tokens / cfg.tokens_per_step()))
                         cfg.train = dataclasses.replace(cfg.train, max_steps=steps, seed=seed, progress=False,
                                                         out_dir=str(Path(spec.out_dir) / "runs"))
                         warmup = min(cfg.optim.warmup_steps, max(1, int(spec.warmup_fraction * steps)))

@@ -9,9 +9,11 @@
         COMPLETE                              "step N" and the sha256 of files.json
     <run>/checkpoints/step_00001200.partial/  being written, or left by a crash: never loaded
 
-All ranks write into the .partial directory (engine state, each rank's RNG); rank 0 adds
-trainer_state.json; every rank hashes its share of the files; rank 0 writes them into files.json,
-writes the COMPLETE marker, then renames the folder into place. Old checkpoints are pruned to the newest `keep_last` at or below the step just
+All ranks write into the .partial directory (engine state, each rank's RNG; every rank its own
+shard, fsynced); rank 0 adds trainer_state.json; every rank hashes its share of the files; rank 0
+writes them into files.json, writes the COMPLETE marker, then renames the folder into place. With
+checkpoint.async_save the writing, hashing and sealing run in a background thread after each rank
+has snapshotted its state into memory (Checkpointer). Old checkpoints are pruned to the newest `keep_last` at or below the step just
 saved, plus every multiple of `keep_every`.
 
 Before anything in a checkpoint is read, `verify_checkpoint` checks every file against files.json:
@@ -24,6 +26,7 @@ write its files.json.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -140,47 +143,126 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, dist: DistInfo,
-                    keep_last: int = 2, keep_every: int = 0) -> Path:
-    final = checkpoint_root(run_dir) / f"step_{step:08d}"
-    partial = final.with_name(final.name + ".partial")
-    if dist.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    engine.save(partial)
-    torch.save(_rng_state(), partial / f"rng_rank{dist.rank:05d}.pt")
-    if dist.is_main:
-        (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
-    barrier()
-    digests = _hash_across_ranks(partial, dist)
-    if dist.is_main:
-        seal(partial, step, digests)
-        if final.exists():  # a step saved again (after a resume from an earlier one): swap, then delete
-            replaced = final.with_name(final.name + ".replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
-            os.replace(partial, final)
-            shutil.rmtree(replaced)
+def snapshot(tree):
+    """A copy of a state tree's tensors in host memory, the containers around them rebuilt as they
+    were (dict subclasses and their attributes kept, torch.Size and other tuples left alone); other
+    leaves are shared. What an async save writes while training changes the originals. A DTensor
+    (FSDP2) is cloned where it lives: DCP writes each shard with its device mesh (on GPUs that copy
+    is in device memory)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone() if hasattr(tree, "placements") else tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        out = copy.copy(tree)
+        for key, value in tree.items():
+            out[key] = snapshot(value)
+        return out
+    if type(tree) in (list, tuple):
+        return type(tree)(snapshot(value) for value in tree)
+    return tree
+
+
+def save_durably(obj, path: Path) -> None:
+    """torch.save, then fsync: the bytes are on disk before the checkpoint is sealed."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Writes checkpoints (see the module docstring for the folder and the guarantees).
+
+    With async_save, `save` blocks only while the engine snapshots this rank's state into memory
+    (and DeepSpeed/DCP plan their files); a background thread then writes and fsyncs each rank's
+    files, hashes them, and rank 0 seals the folder, renames it into place and prunes, with the
+    collectives of that work on a gloo group of its own. The next save (and `wait`, `close`) first
+    waits for the previous one; a save asked to block (the final one, a preemption's) returns when
+    its checkpoint is complete. A process killed at any moment leaves at most a `.partial` folder.
+    """
+
+    def __init__(self, run_dir: Path, engine, dist: DistInfo, keep_last: int = 2, keep_every: int = 0,
+                 async_save: bool = False):
+        self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.group = tdist.new_group(backend="gloo") if async_save and dist.world_size > 1 else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self.pending = None
+
+    def save(self, step: int, trainer_state: dict, blocking: bool = False) -> Path:
+        """Checkpoint `step` (collective); returns the folder it is (or will be) complete in."""
+        self.wait()
+        final = checkpoint_root(self.run_dir) / f"step_{step:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        write_engine_files = self.engine.stage_save(partial)
+        rng, state_json = _rng_state(), json.dumps(trainer_state, indent=1)
+
+        def finish() -> None:
+            write_engine_files(self.group)
+            save_durably(rng, partial / f"rng_rank{self.dist.rank:05d}.pt")
+            if self.dist.is_main:
+                write_atomic(partial / STATE, state_json)
+            barrier(self.group)  # every rank's files are on disk
+            digests = _hash_across_ranks(partial, self.dist, self.group)
+            if self.dist.is_main:
+                seal(partial, step, digests)
+                _put_in_place(partial, final)
+                _fsync_dir(final.parent)
+                prune(self.run_dir, self.keep_last, self.keep_every, step)
+            barrier(self.group)
+
+        if self.pool is None or blocking:
+            finish()
         else:
-            os.replace(partial, final)
-        prune(run_dir, keep_last, keep_every, step)
-    barrier()
-    return final
+            self.pending = self.pool.submit(finish)
+        return final
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is complete; raises what stopped it."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
-def _hash_across_ranks(folder: Path, dist: DistInfo) -> dict[str, str]:
+def _put_in_place(partial: Path, final: Path) -> None:
+    if final.exists():  # a step saved again (after a resume from an earlier one): swap, then delete
+        replaced = final.with_name(final.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(partial, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(partial, final)
+
+
+def _hash_across_ranks(folder: Path, dist: DistInfo, group=None) -> dict[str, str]:
     """The sha256 of every file in `folder`, each rank hashing its share (largest files dealt out
     first), so sealing a sharded checkpoint costs what one rank's shards cost."""
     def largest_first():
         return sorted(_payload_files(folder), key=lambda name: -(folder / name).stat().st_size)
 
-    names = decided_on_main(largest_first, dist)
+    names = decided_on_main(largest_first, dist, group)
     mine = _hash_files(folder, names[dist.rank::dist.world_size])
     if dist.world_size == 1:
         return mine
     shares = [None] * dist.world_size
-    tdist.all_gather_object(shares, mine)
+    tdist.all_gather_object(shares, mine, group=group)
     return {name: digest for share in shares for name, digest in share.items()}
 
 
@@ -330,29 +412,41 @@ _RECORDED_SINCE_MANIFESTS = ("total_steps", "optim")
 def check_resumable(path: Path, state: dict, expect: dict) -> None:
     """Refuses a checkpoint this run must not continue from: one beyond its last step (resuming would
     save that state under an earlier step's name), or one written with other data, model, engine,
-    world size or schedule. `expect` holds this run's values of those trainer-state keys."""
+    global batch or schedule. `expect` holds this run's values of those trainer-state keys."""
     total = expect["total_steps"]
     if state["step"] > total:
         raise CheckpointMismatchError(
             f"checkpoint {path} is at step {state['step']}, beyond this run's last step {total} (train.max_steps / "
             "train.epochs); resuming would overwrite a later checkpoint with an earlier step's name. Use the same "
             "train.max_steps, or another train.run_name")
+    if "global_batch" not in state and "batch_size" in state:  # in 0.1, train.batch_size was per process
+        state = {**state, "global_batch": state["batch_size"] * state.get("world_size", 1)}
     for key, value in expect.items():
         if key not in state and key in _RECORDED_SINCE_MANIFESTS:
             continue
         found = _first_difference(key, state.get(key), value)
         if found:
             name, old, new = found
-            hint = " (from train.max_steps / train.epochs)" if name == "total_steps" else ""
+            hint = {"total_steps": " (from train.max_steps / train.epochs)",
+                    "global_batch": " (train.batch_size, the global batch over all ranks; in gam-pretrain 0.1 it "
+                                    "was per process)"}.get(name, "")
             raise CheckpointMismatchError(
                 f"checkpoint {path} was written with {name}={old!r}, this run has {name}={new!r}{hint}; resume "
-                "with the same data, model, engine, world size and schedule, or set checkpoint.resume=never")
+                "with the same data, model, engine, global batch and schedule (the world size may change), or set "
+                "checkpoint.resume=never")
 
 
 def load_checkpoint(path: Path, engine, dist: DistInfo, state: dict, expect: dict) -> dict:
     """Restores engine state and this rank's RNG from a checkpoint already verified (on rank 0) and
-    found resumable; returns its trainer state."""
+    found resumable; returns its trainer state. At another world size the engine reshards the state
+    and each rank's random streams (dropout) start afresh from (seed, step, rank)."""
     check_resumable(path, state, expect)
     engine.load(Path(path))
-    _set_rng_state(load_torch_file(Path(path) / f"rng_rank{dist.rank:05d}.pt"))
+    if state.get("world_size", 1) == dist.world_size:
+        _set_rng_state(load_torch_file(Path(path) / f"rng_rank{dist.rank:05d}.pt"))
+    else:  # ranks are not the same processes any more: fresh streams, a function of (seed, step, rank)
+        seed = int(np.random.SeedSequence([state["loader"]["seed"], state["step"], dist.rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     return state

@@ -83,9 +83,9 @@ def require_process_group(engine_kind: str) -> None:
                          "train`; or use engine.kind=single")
 
 
-def decided_on_main(decide, info: DistInfo):
-    """decide() run on rank 0, its result returned on every rank. An error it raises is raised on
-    every rank, so no rank goes on to a collective that rank 0 will never join."""
+def decided_on_main(decide, info: DistInfo, group=None):
+    """decide() run on rank 0, its result returned on every rank (of `group`, default all). An error
+    it raises is raised on every rank, so no rank goes on to a collective that rank 0 will never join."""
     result, error = None, None
     if info.is_main:
         try:
@@ -96,7 +96,7 @@ def decided_on_main(decide, info: DistInfo):
             error = e
     if info.world_size > 1:
         box = [result, error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         result, error = box
     if error is not None:
         raise error
@@ -111,6 +111,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)

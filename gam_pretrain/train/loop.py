@@ -20,14 +20,14 @@ import torch
 import torch.distributed as tdist
 
 from ..accel import apply_accel
-from ..config import RunConfig, dump_yaml, to_dict, validate
+from ..config import RunConfig, batch_layout, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
 from ..data.cache import check_data_available, open_training_data
 from ..eval.perplexity import evaluate
 from ..models import build_model
-from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint
 from .distributed import DistInfo, barrier, decided_on_main, init_distributed, require_process_group
-from .engines import Engine, build_engine, model_state_bytes
+from .engines import Engine, build_model_and_engine, model_state_bytes
 from .metrics import MetricsLogger
 from .perf import peak_flops
 from .preemption import Preempted, PreemptionFlag
@@ -167,23 +167,25 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     data = decided_on_main(lambda: open_training_data(cfg.data, cfg.model, log=say), dist)
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
-    n_params = model.num_parameters()
-    flops_per_token = model.flops_per_token(cfg.model.block_size)
-    model = apply_accel(model, cfg.train.accel, device)
-    engine = build_engine(cfg, model, device, dist)
+    engine = build_model_and_engine(cfg, device, dist, accel=lambda m: apply_accel(m, cfg.train.accel, device))
+    shape = build_model(cfg.model, materialize=False)  # counted on the meta device: no memory
+    n_params = shape.num_parameters()
+    flops_per_token = shape.flops_per_token(cfg.model.block_size)
     t = cfg.train
-    loader = ShardLoader(data, "train", t.micro_batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
-                         num_workers=cfg.data.num_workers)
-    steps_per_epoch = loader.batches_per_epoch / t.grad_accum
+    layout = batch_layout(t, dist.world_size)
+    loader = ShardLoader(data, "train", layout.global_batch, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
+                         micro_batch_size=layout.micro_batch_size, num_workers=cfg.data.num_workers)
+    steps_per_epoch = loader.steps_per_epoch
     total_steps = count_total_steps(t, steps_per_epoch)
-    tokens_per_step = cfg.tokens_per_step(dist.world_size)
+    tokens_per_step = cfg.tokens_per_step()
+    # validation reads the same sequences at every world size: eval_batches batches of the one-rank micro-batch
+    eval_batches = t.eval_batches * (batch_layout(t, 1).micro_batch_size // layout.micro_batch_size)
     run_dir = make_run_dir(cfg, dist)
     with run_dir_lock(run_dir, dist, say):
         o = cfg.optim
+        # what a resume must keep; the world size and the micro-batches may change (see data/shards.py)
         fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model),
-                        "world_size": dist.world_size, "engine": to_dict(cfg.engine), "batch_size": t.batch_size,
-                        "grad_accum": t.grad_accum,
+                        "engine": to_dict(cfg.engine), "global_batch": layout.global_batch,
                         # what the learning-rate schedule depends on: a resume must not change it
                         "total_steps": total_steps, "optim": {"lr": o.lr, "warmup_steps": o.warmup_steps,
                                                               "warmup_from_zero": o.warmup_from_zero, "decay": o.decay,
@@ -209,20 +211,24 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         peak = peak_flops(device, t.peak_flops)
         say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} "
             f"steps of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {dist.world_size} x "
-            f"{device}, engine {cfg.engine.kind}; run dir {run_dir}")
+            f"{device}, engine {cfg.engine.kind}, global batch {layout.global_batch} = {dist.world_size} ranks x "
+            f"{layout.grad_accum} x {layout.micro_batch_size}; run dir {run_dir}")
 
         def trainer_state(step: int) -> dict:
             return {"step": step, "tokens": step * tokens_per_step, "loader": loader.state_dict(),
                     "history": history, "train_seconds": train_seconds, "arch": cfg.model.arch, "params": n_params,
-                    "data_path": str(data.path.resolve()), **fingerprints}
+                    "data_path": str(data.path.resolve()), "world_size": dist.world_size,
+                    "micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum, **fingerprints}
 
-        def checkpoint(step: int) -> Path:
-            return save_checkpoint(run_dir, step, engine, trainer_state(step), dist, cfg.checkpoint.keep_last,
-                                   cfg.checkpoint.keep_every)
+        c = cfg.checkpoint
+        checkpointer = Checkpointer(run_dir, engine, dist, c.keep_last, c.keep_every, c.async_save)
+
+        def checkpoint(step: int, blocking: bool = False) -> Path:
+            return checkpointer.save(step, trainer_state(step), blocking=blocking)
 
         def run_eval(step: int) -> dict:
-            result = evaluate(engine.eval_model(), data, "validation", t.micro_batch_size, device, engine.autocast,
-                              t.eval_batches, mean=t.eval_mean)
+            result = evaluate(engine.eval_model(), data, "validation", layout.micro_batch_size, device, engine.autocast,
+                              eval_batches, mean=t.eval_mean)
             metrics.log({"step": step, **result})
             return result
 
@@ -233,13 +239,19 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             progress = tqdm(total=total_steps, initial=start_step, desc=cfg.model.arch, unit="step",
                             dynamic_ncols=True)
 
+        sample_log = None
+        if cfg.data.log_sample_ids:
+            (run_dir / "sample_ids").mkdir(exist_ok=True)
+            sample_log = open(run_dir / "sample_ids" / f"rank{dist.rank:05d}.jsonl", "a")
         preemption = PreemptionFlag()
         last_save = time.monotonic()
         window_tokens, window_start = 0, time.perf_counter()
         try:
             for step in range(start_step, total_steps):
                 step_start = time.perf_counter()
-                batches = [loader.next_batch() for _ in range(t.grad_accum)]
+                batches = loader.next_step()
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"step": step + 1, "ids": loader.last_sample_ids.tolist()}) + "\n")
                 step_result = engine.train_step(batches, step, total_steps)
                 loss = step_result.loss
                 if not math.isfinite(loss):
@@ -266,12 +278,11 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                     window_start = time.perf_counter()
                 if done == total_steps:
                     break
-                c = cfg.checkpoint
                 due_steps = bool(c.interval_steps) and done % c.interval_steps == 0
                 due_time = bool(c.interval_minutes) and time.monotonic() - last_save >= 60 * c.interval_minutes
                 preempt, due_time = agree([preemption.requested, due_time], device, dist)
                 if due_steps or due_time or preempt:
-                    checkpoint(done)
+                    checkpoint(done, blocking=preempt)  # a periodic save writes in the background
                     last_save = time.monotonic()
                 if preempt:
                     say(f"preemption signal: checkpoint at step {done} written; exiting for requeue")
@@ -281,17 +292,25 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                 if done == t.stop_at_step:
                     if not (due_steps or due_time):
                         checkpoint(done)
+                    checkpointer.close()
                     say(f"stopped at step {done} (train.stop_at_step); resume to continue")
                     metrics.close()
                     return RunResult(run_dir, {"stopped_at": done, "loss_curve": history}, engine.eval_model(), data,
                                      engine)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a save in flight completes; the first error is the one raised
+                checkpointer.close()
+            raise
         finally:
             preemption.restore()
+            if sample_log is not None:
+                sample_log.close()
             if progress is not None:
                 progress.close()
 
         # the final checkpoint first: a failure in the final eval must not cost the run's compute
-        final = checkpoint(total_steps) if start_step < total_steps else resume_from
+        final = checkpoint(total_steps, blocking=True) if start_step < total_steps else resume_from
+        checkpointer.close()
         last_eval = run_eval(total_steps)
         full = engine.full_state_dict()
         state_bytes = gather_floats(float(model_state_bytes(engine)), device, dist)

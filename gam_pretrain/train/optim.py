@@ -15,7 +15,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if not decay_all and (p.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES):
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition's data is flat: its shape is ds_shape
+        if not decay_all and (ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -39,13 +39,16 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> float:
     return matmul_peak_flops(device)
 
 
-def tune_cpu_allocator() -> bool:
+def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
     """Keep freed large blocks in the heap instead of returning them to the OS (glibc only).
 
     By default glibc serves allocations above a dynamic threshold (<= 32 MB) with fresh mmap()s
     and gives them back on free, so every training step page-faults its activations in again
     (seen as high system time: 1m43s of 9m55s CPU in one quickstart). Fixed thresholds let steps
     reuse memory. Process-wide; memory is not handed back until exit.
+
+    A small `mmap_threshold` does the opposite, for deferred init: every tensor of 1 MB and more is
+    mapped on its own and unmapped when freed, so the whole units it frees leave no holes in the heap.
     """
     import ctypes
     import ctypes.util
@@ -53,7 +56,7 @@ def tune_cpu_allocator() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
-        return libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+        return libc.mallopt(M_TRIM_THRESHOLD, max(mmap_threshold, 1 << 20)) == 1 and ok
     except (OSError, AttributeError):
         return False

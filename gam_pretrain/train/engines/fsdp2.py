@@ -22,9 +22,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ...config import RunConfig
 from ...files import first_line
-from ..checkpoint import CheckpointError, load_torch_file
+from ..checkpoint import CheckpointError, load_torch_file, snapshot
 from ..distributed import DistInfo
-from .base import Engine, uses_bf16
+from .base import Engine, is_on_meta, uses_bf16
 
 DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"
@@ -119,11 +119,19 @@ class FSDP2Engine(Engine):
         kwargs = {}
         if uses_bf16(device, cfg.train.precision):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in self.module.blocks:
-            fully_shard(block, **kwargs)
+        if is_on_meta(self.module):  # deferred init: each block sharded as soon as it is initialised
+            blocks = {id(block) for block in self.module.blocks}
+            self.materialize_sharded(lambda name, unit: fully_shard(unit, **kwargs) if id(unit) in blocks else None)
+        else:
+            for block in self.module.blocks:
+                fully_shard(block, **kwargs)
         fully_shard(self.module, **kwargs)
         self.model = self.module
         self.optimizer = self.build_optimizer()
+
+    @staticmethod
+    def defers_init(cfg: RunConfig) -> bool:
+        return True
 
     def autocast(self):
         # in bf16 the policy already casts the parameters; autocast would only add casts
@@ -133,9 +141,11 @@ class FSDP2Engine(Engine):
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor across ranks
 
-    def save(self, directory: Path) -> None:
+    def stage_save(self, directory: Path):
+        # each rank's shards (DTensors) cloned; DCP writes every rank's own files and fsyncs them
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / DCP_DIR))
+        state = snapshot({"model": model_sd, "optim": optim_sd})
+        return lambda group: dcp.save(state, checkpoint_id=str(directory / DCP_DIR), process_group=group)
 
     def load(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ...config import RunConfig
 from ...files import first_line
-from ..checkpoint import CheckpointError, load_torch_file
+from ..checkpoint import CheckpointError, load_torch_file, save_durably, snapshot
 from ..distributed import DistInfo
 from .base import Engine
 
@@ -27,10 +27,11 @@ class SingleEngine(Engine):
     def eval_model(self) -> nn.Module:
         return self.module
 
-    def save(self, directory: Path) -> None:
-        if self.dist.is_main:  # the weights and optimizer state are identical on every rank
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       directory / WEIGHTS)
+    def stage_save(self, directory: Path):
+        if not self.dist.is_main:  # the weights and optimizer state are identical on every rank
+            return lambda group: None
+        state = snapshot({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()})
+        return lambda group: save_durably(state, directory / WEIGHTS)
 
     def load(self, directory: Path) -> None:
         state = load_torch_file(directory / WEIGHTS, map_location=self.device)

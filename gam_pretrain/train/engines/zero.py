@@ -7,17 +7,18 @@ torch AdamW passed in by us (DeepSpeed's fused CPU/GPU Adam need a C++ build at 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ...config import RunConfig
+from ...config import RunConfig, batch_layout
 from ...files import first_line
-from ..checkpoint import CheckpointError, load_torch_file
+from ..checkpoint import CheckpointError, load_torch_file, save_durably, snapshot
 from ..distributed import DistInfo
-from .base import Batch, Engine, StepResult, uses_bf16
+from .base import Batch, Engine, StepResult, is_on_meta, uses_bf16
 
 TAG = "deepspeed"
 
@@ -35,33 +36,66 @@ def deepspeed_safe_globals() -> list:
 
 class _TorchWithSafeLoad:
     """The torch module as zero_to_fp32 sees it while we merge: the same, except that load() is
-    weights_only with DeepSpeed's allow-list (zero_to_fp32 calls torch.load(weights_only=False))."""
+    weights_only with DeepSpeed's allow-list (zero_to_fp32 calls torch.load(weights_only=False)).
 
-    def __init__(self, allowed: list):
-        self.allowed = allowed
+    With `moment` set (exp_avg or exp_avg_sq), each optimizer file's fp32 partitions are replaced by
+    that Adam moment's partitions, which have the same flat layout: zero_to_fp32 then merges the
+    moment into whole per-parameter tensors exactly as it merges the weights."""
+
+    def __init__(self, allowed: list, moment: str | None = None):
+        self.allowed, self.moment = allowed, moment
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     def load(self, f, map_location=None, weights_only=None, **kwargs):
-        return load_torch_file(f, map_location=map_location, allowed=self.allowed, **kwargs)
+        state = load_torch_file(f, map_location=map_location, allowed=self.allowed, **kwargs)
+        if self.moment and str(f).endswith("_optim_states.pt"):
+            _moment_as_fp32_groups(state, self.moment, f)
+        return state
 
 
-def read_zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 model merged from a ZeRO checkpoint's partitions by DeepSpeed's zero_to_fp32,
-    offline and at any world size; nothing in the files can run code."""
+def _moment_as_fp32_groups(state: dict, moment: str, where) -> None:
+    osd = state["optimizer_state_dict"]
+    stage3 = "fp32_flat_groups" in osd
+    base = osd["optimizer_state_dict" if stage3 else "base_optimizer_state"]
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{where} holds ZeRO's elastic optimizer layout, which this reader does not merge")
+    ids = [pid for group in base["param_groups"] for pid in group["params"]]  # one flat tensor per (sub-)group
+    osd["fp32_flat_groups" if stage3 else "single_partition_of_fp32_groups"] = [base["state"][i][moment] for i in ids]
+
+
+def zero_checkpoint_step(checkpoint: Path) -> torch.Tensor:
+    """The Adam step count of a ZeRO checkpoint (every flat group shares it)."""
+    files = sorted((checkpoint / TAG).glob("*_optim_states.pt"))
+    osd = load_torch_file(files[0], allowed=deepspeed_safe_globals())["optimizer_state_dict"]
+    base = osd.get("optimizer_state_dict", osd.get("base_optimizer_state"))
+    first = base["param_groups"][0]["params"][0]
+    return base["state"][first]["step"]
+
+
+def zero_checkpoint_ranks(checkpoint: Path) -> int:
+    """How many data-parallel ranks wrote a ZeRO checkpoint (0 for stage 0, which partitions nothing)."""
+    return len(list((checkpoint / TAG).glob("*_optim_states.pt")))
+
+
+def read_zero_weights(checkpoint: Path, moment: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole fp32 model (or, with `moment`, that Adam moment per parameter) merged from a ZeRO
+    checkpoint's partitions by DeepSpeed's zero_to_fp32, offline and at any world size; nothing in
+    the files can run code."""
     from deepspeed.utils import zero_to_fp32
 
-    if not list((checkpoint / TAG).glob("*_optim_states.pt")):
+    if not zero_checkpoint_ranks(checkpoint):
         # ZeRO stage 0 partitions nothing (zero_to_fp32 reads stages 1-3): the module's weights as
         # they are, in the precision they trained in (bf16 ones keep their fp32 masters elsewhere)
         states = load_torch_file(checkpoint / TAG / "mp_rank_00_model_states.pt", allowed=deepspeed_safe_globals())
         if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
             raise CheckpointError(f"{checkpoint / TAG / 'mp_rank_00_model_states.pt'} holds no model weights")
         return states["module"]
-    zero_to_fp32.torch = _TorchWithSafeLoad(deepspeed_safe_globals())
+    zero_to_fp32.torch = _TorchWithSafeLoad(deepspeed_safe_globals(), moment)
     try:
-        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a report of every merge
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
     except CheckpointError:
         raise
     except Exception as e:  # a checkpoint that loads but is not what zero_to_fp32 expects
@@ -78,7 +112,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
-    stage, t = cfg.engine.zero_stage, cfg.train
+    stage, layout = cfg.engine.zero_stage, batch_layout(cfg.train, world_size)
     zero = {"stage": stage}
     if stage == 3:
         zero["memory_efficient_linear"] = False  # else it patches F.linear for the whole process
@@ -87,9 +121,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
     if cfg.engine.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     ds = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -138,17 +172,26 @@ class DeepSpeedEngine(Engine):
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         super().__init__(model, cfg, device, dist)
         self.config = deepspeed_config(cfg, dist.world_size, uses_bf16(device, cfg.train.precision))
+        if is_on_meta(self.module):  # deferred init (ZeRO-3): each unit partitioned as soon as it is initialised
+            # zero.Init checks the batch keys against a world size of its own: give it the others only
+            partition = {k: v for k, v in self.config.items() if k != "train_batch_size"}
+            self.materialize_sharded(lambda name, unit: deepspeed.zero.Init(
+                module=unit, config_dict_or_path=partition, mem_efficient_linear=False))
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=self.build_optimizer(),
                                                                 config=self.config)
         offload = cfg.engine.offload_optimizer or cfg.engine.offload_params
         if cfg.engine.zero_stage == 3 and not offload:
             share_fp32_master_partitions(self.optimizer)
 
+    @staticmethod
+    def defers_init(cfg: RunConfig) -> bool:
+        return cfg.engine.zero_stage == 3
+
     def train_step(self, batches: list[Batch], step: int, total_steps: int) -> StepResult:
         # DeepSpeed scales every micro-batch's loss by 1 / gradient_accumulation_steps from its config
         if len(batches) != self.config["gradient_accumulation_steps"]:
             raise ValueError(f"DeepSpeed was configured for {self.config['gradient_accumulation_steps']} micro-batches "
-                             f"per step (train.grad_accum) and got {len(batches)}")
+                             f"per step and got {len(batches)}")
         return super().train_step(batches, step, total_steps)
 
     def autocast(self):
@@ -171,10 +214,26 @@ class DeepSpeedEngine(Engine):
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+    def stage_save(self, directory: Path):
+        # DeepSpeed assembles each rank's files (its own partitions) through its checkpoint engine's
+        # save(): for this call, that method keeps a snapshot of what it is given instead of writing
+        captured = []
+        files = self.model.checkpoint_engine
+        files.save = lambda state_dict, path: captured.append((snapshot(state_dict), path))
+        try:
+            self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        finally:
+            del files.save  # the class's own method again
+
+        def write(group) -> None:
+            for state, path in captured:
+                save_durably(state, Path(path))
+        return write
 
     def load(self, directory: Path) -> None:
+        saved_ranks = zero_checkpoint_ranks(directory)
+        if saved_ranks and saved_ranks != self.dist.world_size:
+            return self.load_resharded(directory)
         # DeepSpeed reads every file through its checkpoint engine's load(), which calls
         # torch.load(weights_only=False): for this call only, that method reads weights_only.
         files = self.model.checkpoint_engine
@@ -187,6 +246,43 @@ class DeepSpeedEngine(Engine):
             del files.load  # the class's own method again
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
+    def load_resharded(self, directory: Path) -> None:
+        """A checkpoint written by another number of ranks: its weights and Adam moments merged whole
+        per parameter (read_zero_weights), then each rank keeps its own partition of them through
+        DeepSpeed's safe_set_full_* API. Each rank holds the merged state while it loads (CPU memory:
+        3x the fp32 model), which a same-size resume never does."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        merged = {"weights": read_zero_weights(directory)}
+        for moment in ("exp_avg", "exp_avg_sq"):
+            merged[moment] = read_zero_weights(directory, moment)
+        step = zero_checkpoint_step(directory)
+        optimizer, stage3 = self.optimizer, self.config["zero_optimization"]["stage"] == 3
+        # the fp32 partitions Adam steps; its state is created lazily at the first step: create it here
+        flats = optimizer.fp32_partitioned_groups_flat if stage3 else optimizer.single_partition_of_fp32_groups
+        for flat in flats:
+            state = optimizer.optimizer.state[flat]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
+            state["step"] = step.clone()
+        if not stage3:
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()  # map each parameter's fragment of the state just made
+        for name, param in self.model.module.named_parameters():
+            if any(name not in values for values in merged.values()):
+                raise CheckpointError(f"{directory / TAG} has no parameter {name} (another model?)")
+            if merged["weights"][name].shape != getattr(param, "ds_shape", param.shape):
+                raise CheckpointError(f"{directory / TAG}: {name} has shape {tuple(merged['weights'][name].shape)}, "
+                                      "this model's differs")
+            safe_set_full_fp32_param(param, merged["weights"][name].to(self.device))
+            for moment in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, merged[moment][name].to(self.device), moment)
+        if stage3:
+            for params, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+                params.data.copy_(master.data)  # a no-op where the two share storage (fp32)
+        else:
+            optimizer.update_lp_params()  # the module's replicas from the fp32 partitions
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.config["zero_optimization"]["stage"] == 3:
