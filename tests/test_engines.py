@@ -300,3 +300,20 @@ def test_deferred_init_never_holds_the_whole_model(engine, tmp_path):
     assert full > 400e6
     for growth in result["materialize_rss_growth"]:
         assert growth < 0.8 * full, (growth / full, result)
+
+
+@pytest.mark.skipif("zero3" not in ENGINES, reason="needs DeepSpeed")
+def test_zero3_resumes_at_three_ranks_whose_partitions_are_padded(prepared_tiny, tmp_path):
+    """2 -> 3 ranks: the embedding (512 x 32) and most weights do not divide by 3, so ZeRO-3 pads the
+    last rank's partition. The global batch (12) divides by both."""
+    batch = ["train.batch_size=12"]
+    first = {"runs": [{"name": "w2", "overrides": [*elastic_overrides(prepared_tiny, tmp_path, "zero3", "gam", "w2"),
+                                                   *batch]}], "out": str(tmp_path / "w2.json")}
+    second = {"runs": [{"name": "w3", "overrides": [*elastic_overrides(prepared_tiny, tmp_path, "zero3", "gam", "w3",
+                                                                       tmp_path / "w2"), *batch]}],
+              "out": str(tmp_path / "w3.json")}
+    want = run_to_end(first, tmp_path, "w2")["w2"]
+    got = run_to_end(second, tmp_path, "w3", ranks=3)["w3"]
+    assert got["loss_curve"][ELASTIC_N] == pytest.approx(want["loss_curve"][ELASTIC_N], rel=1e-5)
+    np.testing.assert_allclose(got["loss_curve"], want["loss_curve"], rtol=1e-4)
+    assert sample_ids(tmp_path / "w3") == {s: ids for s, ids in sample_ids(tmp_path / "w2").items() if s > ELASTIC_N}

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -215,8 +216,9 @@ def main() -> None:
     if args.worker_out:
         return worker(args)
     out = Path(args.out)
-    work = out.with_name(out.stem + "-trials")
-    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_memory-"))  # each trial's log and result (kept, for a failed trial's why)
+    print(f"trial logs in {work}", flush=True)
     report = {"benchmark": "bench_memory", "command": "python tools/bench_memory.py " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "world_size": WORLD,

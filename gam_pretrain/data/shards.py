@@ -201,7 +201,8 @@ class ShardLoader:
         if isinstance(item, PrepError):
             self._iterator = None
             raise item
-        micro, self.last_sample_ids = item
+        micro, ids = item  # through DataLoader workers, lists and tensors: the same types either way
+        micro, self.last_sample_ids = [tuple(batch) for batch in micro], np.asarray(ids)
         self.batches_in_epoch += 1
         if self.batches_in_epoch == self.steps_per_epoch:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
@@ -215,6 +216,13 @@ class ShardLoader:
                 "data_fingerprint": self.shard_set.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        try:
+            self._load_state_dict(state)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"cannot resume the data loader: its saved state is incomplete or garbled ({type(e).__name__}: "
+                             f"{e}); start the run over (checkpoint.resume=never)") from None
+
+    def _load_state_dict(self, state: dict) -> None:
         if "global_batch" not in state:
             state = _from_per_rank_state(state, self.layout.global_batch, self.samples)
         for key in ("seed", "global_batch", "split", "data_fingerprint"):

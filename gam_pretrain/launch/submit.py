@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ..config import ConfigError, LaunchConfig, RunConfig, control_characters, to_dict
+from ..config import ConfigError, LaunchConfig, RunConfig, batch_layout, control_characters, to_dict
 from ..data.prep import check_prep_config
 from ..files import read_json, write_atomic
 from .jobs import TrainJob, prep_finalize_job, prep_plan_job, prep_units_job
@@ -150,6 +150,8 @@ def launch_train(cfg: RunConfig, dry_run: bool = False, log=print):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, run_name=f"{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"))
     launch = cfg.launch
+    if cfg.engine.kind != "single":
+        batch_layout(cfg.train, launch.world_size)  # refused here, not after the queue wait
     run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
     folder = Path(launch.folder) if launch.folder else run_dir / "slurm"
     ntasks = launch.ranks_per_node

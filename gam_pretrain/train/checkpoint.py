@@ -192,8 +192,12 @@ class Checkpointer:
                  async_save: bool = False):
         self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.group = tdist.new_group(backend="gloo") if async_save and dist.world_size > 1 else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self.group = tdist.new_group(backend="gloo") if async_save and tdist.is_initialized() else None
+        device = getattr(engine, "device", None)
+        on_gpu = device is not None and device.type == "cuda"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
+                                       initializer=(lambda: torch.cuda.set_device(device)) if on_gpu else None) \
+            if async_save else None
         self.pending = None
 
     def save(self, step: int, trainer_state: dict, blocking: bool = False) -> Path:
@@ -209,24 +213,44 @@ class Checkpointer:
         rng, state_json = _rng_state(), json.dumps(trainer_state, indent=1)
 
         def finish() -> None:
-            write_engine_files(self.group)
-            save_durably(rng, partial / f"rng_rank{self.dist.rank:05d}.pt")
-            if self.dist.is_main:
-                write_atomic(partial / STATE, state_json)
-            barrier(self.group)  # every rank's files are on disk
+            error = None
+            try:
+                write_engine_files(self.group)
+                save_durably(rng, partial / f"rng_rank{self.dist.rank:05d}.pt")
+                if self.dist.is_main:
+                    write_atomic(partial / STATE, state_json)
+            except Exception as e:  # noqa: BLE001 - every rank must learn it, or the others wait forever
+                error = e
+            self._every_rank_succeeded(error, partial)  # every rank's files are on disk
             digests = _hash_across_ranks(partial, self.dist, self.group)
+            error = None
             if self.dist.is_main:
-                seal(partial, step, digests)
-                _put_in_place(partial, final)
-                _fsync_dir(final.parent)
-                prune(self.run_dir, self.keep_last, self.keep_every, step)
-            barrier(self.group)
+                try:
+                    seal(partial, step, digests)
+                    _put_in_place(partial, final)
+                    _fsync_dir(final.parent)
+                    prune(self.run_dir, self.keep_last, self.keep_every, step)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            self._every_rank_succeeded(error, partial)
 
         if self.pool is None or blocking:
             finish()
         else:
             self.pending = self.pool.submit(finish)
         return final
+
+    def _every_rank_succeeded(self, error: Exception | None, partial: Path) -> None:
+        """A collective on the checkpoint's group: raises the same one line on every rank when any
+        rank failed (a rank left waiting at a barrier would hang until gloo's timeout)."""
+        failed = error is not None
+        if tdist.is_initialized():
+            flag = torch.tensor([float(failed)])
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group)
+            failed = bool(flag.item())
+        if failed:
+            why = f"{type(error).__name__}: {first_line(error)}" if error is not None else "it failed on another rank"
+            raise CheckpointError(f"checkpoint {partial} could not be written ({why}); it was left unfinished")
 
     def wait(self) -> None:
         """Until the save in flight (if any) is complete; raises what stopped it."""

@@ -178,8 +178,12 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     steps_per_epoch = loader.steps_per_epoch
     total_steps = count_total_steps(t, steps_per_epoch)
     tokens_per_step = cfg.tokens_per_step()
-    # validation reads the same sequences at every world size: eval_batches batches of the one-rank micro-batch
-    eval_batches = t.eval_batches * (batch_layout(t, 1).micro_batch_size // layout.micro_batch_size)
+    # validation reads the same sequences at every world size: eval_batches batches of the one-rank
+    # micro-batch, in batches of this run's micro-batch (memory), or of the one-rank micro-batch itself
+    # where the mean is over batches (eval_mean=batches), so that the value does not depend on the cut
+    one_rank_micro = batch_layout(t, 1).micro_batch_size
+    eval_batch = one_rank_micro if t.eval_mean == "batches" else layout.micro_batch_size
+    eval_batches = t.eval_batches * (one_rank_micro // eval_batch)
     run_dir = make_run_dir(cfg, dist)
     with run_dir_lock(run_dir, dist, say):
         o = cfg.optim
@@ -227,8 +231,8 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             return checkpointer.save(step, trainer_state(step), blocking=blocking)
 
         def run_eval(step: int) -> dict:
-            result = evaluate(engine.eval_model(), data, "validation", layout.micro_batch_size, device, engine.autocast,
-                              eval_batches, mean=t.eval_mean)
+            result = evaluate(engine.eval_model(), data, "validation", eval_batch, device, engine.autocast, eval_batches,
+                              mean=t.eval_mean)
             metrics.log({"step": step, **result})
             return result
 
@@ -242,7 +246,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         sample_log = None
         if cfg.data.log_sample_ids:
             (run_dir / "sample_ids").mkdir(exist_ok=True)
-            sample_log = open(run_dir / "sample_ids" / f"rank{dist.rank:05d}.jsonl", "a")
+            sample_log = open(run_dir / "sample_ids" / f"rank{dist.rank:05d}.jsonl", "a", buffering=1)  # a line at a time
         preemption = PreemptionFlag()
         last_save = time.monotonic()
         window_tokens, window_start = 0, time.perf_counter()

@@ -156,6 +156,19 @@ def share_fp32_master_partitions(optimizer) -> int:
     return freed
 
 
+def set_zero3_partition(optimizer, param, value: torch.Tensor, moment: str | None) -> None:
+    """This rank's partition of a ZeRO-3 parameter's fp32 master (moment None) or Adam moment, from
+    the whole value. DeepSpeed's own setter (safe_set_full_*) reads past the end of the value for
+    the last rank of a parameter whose size does not divide by the world size: its partitions are
+    padded. Here the padding is zero."""
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=moment)
+    flat = value.flatten()
+    start = part.numel() * optimizer._get_param_partition_rank(param)
+    have = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:have].copy_(flat[start:start + have])
+    part.data[have:].zero_()
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed runs backward and step() on every micro-batch itself: it scales the loss by
     1 / gradient_accumulation_steps, reduces gradients and clips and steps on the boundary."""
@@ -249,8 +262,8 @@ class DeepSpeedEngine(Engine):
 
     def load_resharded(self, directory: Path) -> None:
         """A checkpoint written by another number of ranks: its weights and Adam moments merged whole
-        per parameter (read_zero_weights), then each rank keeps its own partition of them through
-        DeepSpeed's safe_set_full_* API. Each rank holds the merged state while it loads (CPU memory:
+        per parameter (read_zero_weights), then each rank keeps its own partition of them (DeepSpeed's
+        safe_set_full_* API for ZeRO-1/2, set_zero3_partition for ZeRO-3). Each rank holds the merged state while it loads (CPU memory:
         3x the fp32 model), which a same-size resume never does."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -275,9 +288,14 @@ class DeepSpeedEngine(Engine):
             if merged["weights"][name].shape != getattr(param, "ds_shape", param.shape):
                 raise CheckpointError(f"{directory / TAG}: {name} has shape {tuple(merged['weights'][name].shape)}, "
                                       "this model's differs")
-            safe_set_full_fp32_param(param, merged["weights"][name].to(self.device))
-            for moment in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(param, merged[moment][name].to(self.device), moment)
+            for moment in (None, "exp_avg", "exp_avg_sq"):
+                value = merged[moment or "weights"][name].to(self.device)
+                if stage3:
+                    set_zero3_partition(optimizer, param, value, moment)
+                elif moment is None:
+                    safe_set_full_fp32_param(param, value)
+                else:
+                    safe_set_full_optimizer_state(param, value, moment)
         if stage3:
             for params, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
                 params.data.copy_(master.data)  # a no-op where the two share storage (fp32)
