@@ -73,19 +73,22 @@ def _global_steps(loaders, steps):
 
 
 @pytest.mark.parametrize("cross_epoch", [False, True])
-def test_sample_order_is_the_seeds_alone_and_resumes_at_any_world_size_and_worker_count(prepared_small, cross_epoch):
-    per_epoch = _loader(prepared_small, world=1, workers=0).steps_per_epoch
+def test_sample_order_is_the_seeds_alone_and_resumes_at_any_world_size_and_worker_count(prepared_small, prepared_tiny,
+                                                                                        cross_epoch):
+    # across an epoch: the tiny corpus (an epoch is 8 global batches of 16), micro-batches of 4
+    data, batch, micro = (prepared_tiny, 16, 4) if cross_epoch else (prepared_small, 128, 16)
+    per_epoch = _loader(data, world=1, workers=0, batch=batch).steps_per_epoch
     n = per_epoch - 3 if cross_epoch else 5
-    straight = _global_steps([_loader(prepared_small, world=1, workers=0)], 2 * n)
-    # world 2 x 2 workers with micro-batches of 16, then a resume at world 1 (1 worker), then world 4 (no workers)
-    first = [_loader(prepared_small, rank=r, world=2, workers=2, micro=16) for r in (0, 1)]
+    straight = _global_steps([_loader(data, world=1, workers=0, batch=batch)], 2 * n)
+    # world 2 x 2 workers with micro-batches, then a resume at world 1 (1 worker), then world 4 (no workers)
+    first = [_loader(data, rank=r, world=2, workers=2, batch=batch, micro=micro) for r in (0, 1)]
     got = _global_steps(first, n // 2)
     state = json.loads(json.dumps(first[0].state_dict()))  # a checkpoint stores it as plain data
     assert state == first[1].state_dict()
-    second = _loader(prepared_small, world=1, workers=1)
+    second = _loader(data, world=1, workers=1, batch=batch)
     second.load_state_dict(state)
     got += _global_steps([second], n - n // 2)
-    third = [_loader(prepared_small, rank=r, world=4, workers=0) for r in range(4)]
+    third = [_loader(data, rank=r, world=4, workers=0, batch=batch) for r in range(4)]
     for loader in third:
         loader.load_state_dict(json.loads(json.dumps(second.state_dict())))
     got += _global_steps(third, n)
@@ -103,17 +106,17 @@ def test_a_global_batch_is_cut_into_micro_batches_per_rank(prepared_small):
         _loader(prepared_small, world=4, batch=30)
 
 
-def test_ranks_and_workers_see_every_sample_of_the_epoch_once(prepared_small):
+def test_ranks_and_workers_see_every_sample_of_the_epoch_once(prepared_tiny):
     from collections import Counter
 
-    loaders = [_loader(prepared_small, rank=r) for r in (0, 1)]
+    loaders = [_loader(prepared_tiny, rank=r, batch=16) for r in (0, 1)]
     steps = _global_steps(loaders, loaders[0].steps_per_epoch)
     ids = np.concatenate([i for _, i in steps])
-    total = sum(s["samples"] for s in prepared_small.shards("train"))
-    assert len(set(ids.tolist())) == len(ids) == total // 128 * 128  # each once, bar the remainder
+    total = sum(s["samples"] for s in prepared_tiny.shards("train"))
+    assert len(set(ids.tolist())) == len(ids) == total // 16 * 16  # each once, bar the remainder
     assert ids.min() >= 0 and ids.max() < total
     # the ids name the samples: id i is row i of the split in manifest order
-    everything = np.concatenate([prepared_small.read(shard) for shard in prepared_small.shards("train")])
+    everything = np.concatenate([prepared_tiny.read(shard) for shard in prepared_tiny.shards("train")])
     rows = np.concatenate([r for r, _ in steps])
     assert np.array_equal(rows, everything[ids])
     assert not Counter(map(bytes, rows.astype(np.uint16))) - Counter(map(bytes, everything))

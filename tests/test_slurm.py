@@ -170,17 +170,19 @@ def test_preempted_and_timed_out_jobs_requeue_and_end_like_an_uninterrupted_run(
     """Two submitit jobs at once, one per node: one preempted by a job in the higher-priority
     partition, one reaching its time limit (shortened while it runs, so SLURM's --signal fires).
     Both save, requeue, resume and must end with the parameters and loss curve of a plain run."""
-    # SLURM checks time limits every 30 s: the signal must come before the run ends. 16000 steps take
-    # 1-5 minutes, depending on the machine and on the three runs sharing its cores.
-    steps = 16000
+    # SLURM checks time limits every 30 s: the signal must come before the first attempt ends. Its
+    # steps are paced (tests/slurm_pacing: 40 ms of sleep each, 2 minutes for the whole run) so that it
+    # lasts without loading the cores; requeued attempts and the reference run at full speed.
+    steps = 3000
     cfg = tiny_config(tmp_path, prepared_small.path, max_steps=steps, eval_interval=0)
     runs = tmp_path / "runs"
     reference = subprocess.Popen([PY, "-m", "gam_pretrain", "train", "--config", str(cfg), "--train.run_name", "ref"],
                                  env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
+    pacing = json.dumps([f"export PYTHONPATH={Path(__file__).parent / 'slurm_pacing'}", "export GAM_TEST_STEP_SLEEP_S=0.04"])
     try:
         for name, node in (("preempted", "gamci1"), ("timed-out", "gamci2")):
-            out = cli("launch", "train", "--config", cfg, "--train.run_name", name,
+            out = cli("launch", "train", "--config", cfg, "--train.run_name", name, "--launch.setup", pacing,
                       "--launch.sbatch_args", json.dumps(["--exclusive", f"--nodelist={node}"]))
             assert out.returncode == 0, out.stderr[-3000:]
         preempted, timed_out = runs / "preempted", runs / "timed-out"

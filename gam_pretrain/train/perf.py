@@ -1,6 +1,7 @@
 """Throughput accounting: peak FLOP/s for MFU and a measured CPU matmul peak."""
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 
 
+@functools.lru_cache(maxsize=None)  # once per process: a sweep trains many runs in one (1.2 s each on 2 cores)
 def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul (what MFU is measured against on CPU)."""
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, resumes) alone
