@@ -19,7 +19,10 @@ def test_deepspeed_json_is_generated_and_extra_keys_merge_over_it():
     cfg = deepspeed_config(run, world_size=8, bf16=True)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True}
+    hidden = run.model.d_model
     assert cfg["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False,
+                                        "reduce_bucket_size": hidden**2, "stage3_prefetch_bucket_size": int(0.9 * hidden**2),
+                                        "stage3_param_persistence_threshold": 10 * hidden,
                                         "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert cfg["wall_clock_breakdown"] is True
 

@@ -41,7 +41,16 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> float:
     return matmul_peak_flops(device)
 
 
-def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
+# glibc's mmap threshold for CPU training (tune_cpu_allocator). Engines that hold the whole model keep
+# freed blocks in the heap: their steps reuse memory instead of page-faulting it in again. Engines
+# that shard map each buffer of 1 MB and more on its own, so the whole layers they gather and free
+# every step go back to the OS. Measured at GAM 187M on 2 ranks (FSDP2, per rank): peak RSS 4.56 GiB
+# with heap reuse (4.08 GiB of heap for 1.52 GiB of live allocations), 2.04 GiB with each buffer mapped.
+REUSE_THE_HEAP = 1 << 30
+MAP_EACH_BUFFER = 1 << 20
+
+
+def tune_cpu_allocator(mmap_threshold: int = REUSE_THE_HEAP) -> bool:
     """Keep freed large blocks in the heap instead of returning them to the OS (glibc only).
 
     By default glibc serves allocations above a dynamic threshold (<= 32 MB) with fresh mmap()s

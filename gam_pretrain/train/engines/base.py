@@ -25,7 +25,7 @@ import torch.nn as nn
 from ...config import RunConfig
 from ..distributed import DistInfo, all_reduce_mean
 from ..optim import build_adamw, clip_grad_norm
-from ..perf import tune_cpu_allocator
+from ..perf import MAP_EACH_BUFFER, REUSE_THE_HEAP, tune_cpu_allocator
 from ..schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one micro-batch
@@ -112,8 +112,8 @@ class Engine(ABC):
 
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, dist: DistInfo):
         self.cfg, self.device, self.dist = cfg, device, dist
-        if device.type == "cpu" and not is_on_meta(model):
-            tune_cpu_allocator()  # deferred init tunes it after materializing (see materialize_sharded)
+        if device.type == "cpu":
+            tune_cpu_allocator(MAP_EACH_BUFFER if self.partitions_state(cfg) else REUSE_THE_HEAP)
         if is_on_meta(model):
             if not self.defers_init(cfg):
                 raise ValueError(f"{type(self).__name__} cannot materialize a model built on the meta device")
@@ -122,6 +122,13 @@ class Engine(ABC):
             self.module = model.to(device)
         if cfg.engine.activation_checkpointing:
             apply_activation_checkpointing(self.module)
+
+    @classmethod
+    def partitions_state(cls, cfg: RunConfig) -> bool:
+        """Whether ranks hold different parts of the model state. Such engines map each CPU buffer
+        of 1 MB and more on its own (perf.MAP_EACH_BUFFER): what they gather, flatten and free every
+        step goes back to the OS instead of fragmenting the heap."""
+        return cls.defers_init(cfg)
 
     @staticmethod
     def defers_init(cfg: RunConfig) -> bool:
@@ -137,13 +144,13 @@ class Engine(ABC):
         # while units come and go, each tensor of 1 MB and more is mapped on its own: a freed whole
         # unit goes back to the OS instead of leaving holes in the heap that shards do not fill
         # (measured, GAM 109M at 2 ranks: 0.79-1.04x the model's bytes per rank with heap holes)
-        tune_cpu_allocator(mmap_threshold=1 << 20)
+        tune_cpu_allocator(mmap_threshold=MAP_EACH_BUFFER)
         for name, unit in self.module.init_units():
             unit.to_empty(device="cpu", recurse=True)
             self.module.init_unit(name, unit, self.cfg.train.seed)
             shard_unit(name, unit)
-        # the training steps' thresholds on CPU (see perf.py); glibc's largest default one elsewhere
-        tune_cpu_allocator() if self.device.type == "cpu" else tune_cpu_allocator(mmap_threshold=32 << 20)
+        if self.device.type != "cpu":  # CPU training keeps MAP_EACH_BUFFER (see __init__)
+            tune_cpu_allocator(mmap_threshold=32 << 20)  # glibc's largest default threshold
 
     def build_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
         return build_adamw(self.module, self.cfg.optim, fused=fused)

@@ -116,6 +116,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero["memory_efficient_linear"] = False  # else it patches F.linear for the whole process
+        # Hugging Face's "auto" sizes for ZeRO-3 from the hidden size, in place of DeepSpeed's fixed
+        # defaults (a 5e8-element reduce bucket: 2 GB in fp32, touched up to the whole gradient
+        # before the first reduce). Measured at GAM 187M on 2 CPU ranks: 0.4 GiB less per rank.
+        hidden = cfg.model.d_model
+        zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                    stage3_param_persistence_threshold=10 * hidden)
     if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.engine.offload_params:
@@ -190,8 +196,10 @@ class DeepSpeedEngine(Engine):
             partition = {k: v for k, v in self.config.items() if k != "train_batch_size"}
             self.materialize_sharded(lambda name, unit: deepspeed.zero.Init(
                 module=unit, config_dict_or_path=partition, mem_efficient_linear=False))
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=self.build_optimizer(),
-                                                                config=self.config)
+        # ZeRO-3 steps one flat partition: the fused AdamW makes no whole-partition temporaries (the
+        # unfused update's sqrt and divide each copy it: +0.28 GiB per rank at GAM 187M on 2 ranks)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=self.build_optimizer(fused=cfg.engine.zero_stage == 3), config=self.config)
         offload = cfg.engine.offload_optimizer or cfg.engine.offload_params
         if cfg.engine.zero_stage == 3 and not offload:
             share_fp32_master_partitions(self.optimizer)
@@ -199,6 +207,10 @@ class DeepSpeedEngine(Engine):
     @staticmethod
     def defers_init(cfg: RunConfig) -> bool:
         return cfg.engine.zero_stage == 3
+
+    @classmethod
+    def partitions_state(cls, cfg: RunConfig) -> bool:
+        return cfg.engine.zero_stage >= 1
 
     def train_step(self, batches: list[Batch], step: int, total_steps: int) -> StepResult:
         # DeepSpeed scales every micro-batch's loss by 1 / gradient_accumulation_steps from its config
