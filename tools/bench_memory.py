@@ -7,11 +7,12 @@ optimizer offload, it searches the GAM ladder (`gam-pretrain ladder`: depth = wi
 memory slots) for the widest model that builds (the engine's own init path: deferred for ZeRO-3
 and FSDP2) and trains 3 steps (AdamW, fp32, 2 x 64 tokens per rank) on 2 gloo ranks with the
 peak RSS of both ranks together within --budget-gib: widths double from 256 until a trial fails,
-then bisect in steps of 64. A trial fails when it ends in an error or when a watcher, polling every
-rank's RSS every 10 ms, sees the sum pass the budget (it then kills the trial, so an oversized
-model never takes the machine down). Each passing trial records every rank's peak RSS (VmHWM)
-beside the analytic model-state bytes per rank (16 bytes per parameter for fp32 AdamW: 4 weights,
-4 gradients, 8 moments, divided as each engine divides them).
+then bisect in steps of 64. A trial fails when it ends in an error or when a watcher, polling the
+processes' memory (PSS: pages a rank shares with a forked child count once) every 10 ms, sees the
+sum pass the budget (it then kills the trial, so an oversized model never takes the machine down).
+Each passing trial records every rank's peak RSS (VmHWM) beside the analytic model-state bytes per
+rank (16 bytes per parameter for fp32 AdamW: 4 weights, 4 gradients, 8 moments, divided as each
+engine divides them).
 
 On 2 cores a step of the largest models takes seconds; the whole ladder takes tens of minutes.
 """
@@ -86,7 +87,10 @@ def worker(args) -> None:
     os._exit(0)  # DeepSpeed's threads can abort an orderly interpreter exit
 
 
-def rss_of_tree(pid: int) -> int:
+def memory_of_tree(pid: int) -> int:
+    """Proportional set size (PSS) of a process and its descendants: pages shared between them
+    count once. RSS would count them in each: a rank's forked child (DeepSpeed's ZeRO-3 ranks have
+    one) shares all of the rank's pages copy-on-write, and summed RSS then reads twice the memory."""
     import psutil
 
     total = 0
@@ -94,9 +98,13 @@ def rss_of_tree(pid: int) -> int:
         root = psutil.Process(pid)
         for proc in [root, *root.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
+                with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+            except (OSError, StopIteration):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
     except psutil.NoSuchProcess:
         pass
     return total
@@ -122,7 +130,7 @@ def trial(config: str, width: int, args, work: Path) -> dict:
                                 env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     seen, over = 0, False
     while proc.poll() is None:
-        seen = max(seen, rss_of_tree(proc.pid))
+        seen = max(seen, memory_of_tree(proc.pid))
         if seen > budget:
             over = True
             os.killpg(proc.pid, signal.SIGKILL)
@@ -134,9 +142,9 @@ def trial(config: str, width: int, args, work: Path) -> dict:
             break
         time.sleep(0.01)
     result = {"width": width, "depth": max(2, width // 64), "params": params, "seconds": time.perf_counter() - started,
-              "max_polled_rss_sum": seen, "analytic_state_bytes_per_rank": analytic_bytes_per_rank(config, params)}
+              "max_polled_pss_sum": seen, "analytic_state_bytes_per_rank": analytic_bytes_per_rank(config, params)}
     if over:
-        return {**result, "fits": False, "why": f"RSS of the ranks passed {args.budget_gib} GiB"}
+        return {**result, "fits": False, "why": f"memory (PSS) of the ranks passed {args.budget_gib} GiB"}
     if proc.returncode != 0 or not out.exists():
         tail = (work / f"{config}-{width}.log").read_text()[-400:]
         return {**result, "fits": False, "why": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail else ''}"}
@@ -212,9 +220,16 @@ def main() -> None:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--summarize", metavar="JSON",
+                        help="only (re)write the summary and PNG of a report whose run was stopped after some configs")
     args = parser.parse_args()
     if args.worker_out:
         return worker(args)
+    if args.summarize:
+        path = Path(args.summarize)
+        report = json.loads(path.read_text())
+        report["summarized_by"] = "python tools/bench_memory.py " + " ".join(sys.argv[1:])
+        return summarize(report, path)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_memory-"))  # each trial's log and result (kept, for a failed trial's why)
@@ -226,6 +241,11 @@ def main() -> None:
     for config in args.configs:
         report["configs"][config] = search(config, args, work, lambda line: print(line, flush=True))
         out.write_text(json.dumps(report, indent=2))  # after each engine: a long run keeps what it found
+    summarize(report, out)
+
+
+def summarize(report: dict, out: Path) -> None:
+    """The largest model per config and its ratio to DDP's, into the report, its PNG and stdout."""
     largest = {c: (f["largest"] or {}).get("params", 0) for c, f in report["configs"].items()}
     ddp = max(largest.get("ddp", 0), largest.get("ddp+ac", 0))
     report["largest_params"] = largest
