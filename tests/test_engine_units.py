@@ -23,6 +23,7 @@ def test_deepspeed_json_is_generated_and_extra_keys_merge_over_it():
     assert cfg["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False,
                                         "reduce_bucket_size": hidden**2, "stage3_prefetch_bucket_size": int(0.9 * hidden**2),
                                         "stage3_param_persistence_threshold": 10 * hidden,
+                                        "stage3_max_reuse_distance": hidden**2, "stage3_max_live_parameters": 24 * hidden**2,
                                         "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert cfg["wall_clock_breakdown"] is True
 

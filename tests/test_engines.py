@@ -181,6 +181,7 @@ def test_engines_agree_with_each_other(prepared_small, prepared_tiny, tmp_root):
         for engine in ("zero1", "zero2", "fsdp2"):
             assert curves[engine][f"straight-{arch}"]["loss_curve"] == ddp, (engine, arch)
         np.testing.assert_allclose(curves["zero3"][f"straight-{arch}"]["loss_curve"], ddp, rtol=0, atol=1e-6)
+    assert all(run["plain_linear_after"] for results in curves.values() for run in results.values())
 
 
 def test_sharding_engines_hold_their_share_of_the_model_state(prepared_small, prepared_tiny, tmp_root):

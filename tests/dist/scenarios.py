@@ -84,6 +84,7 @@ def init_only(cfg) -> dict:
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     results = {}
+    plain_linear = torch.nn.functional.linear
     for run in spec["runs"]:
         if run.get("init_only"):
             results[run["name"]] = init_only(load_config(None, run["overrides"]))
@@ -94,6 +95,8 @@ def main(spec_path: str) -> None:
             sys.stdout.flush()
             os._exit(e.code if isinstance(e.code, int) else 1)
         results[run["name"]] = {k: v for k, v in result.summary.items()}
+        # ZeRO-3 swaps in DeepSpeed's linear for its own forward only (every other model uses torch's)
+        results[run["name"]]["plain_linear_after"] = torch.nn.functional.linear is plain_linear
         results[run["name"]]["state"] = {k: v.tolist() for k, v in result.engine.full_state_dict().items()} \
             if run.get("weights") else None
     if int(os.environ.get("RANK", "0")) == 0:
