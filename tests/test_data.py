@@ -37,16 +37,63 @@ def test_manifest_describes_every_shard(prepared_small):
     assert m["tokenizer"]["sha256"] == tok_sha and len(m["source_fingerprint"]) == 64
 
 
-def test_shards_are_plain_webdataset(prepared_small):
+def test_shards_are_plain_webdataset_and_datasets_reads_them(prepared_small):
+    """A member is one WebDataset example holding rows of samples; its decode is `.reshape(-1, L)`
+    (the README's recipe): plain webdataset and `datasets.load_dataset("webdataset")` both give the
+    samples our reader gives, in order."""
+    import datasets
     import webdataset as wds
 
     shard = prepared_small.shards("train")[0]
-    samples = list(wds.WebDataset(str(prepared_small.path / shard["path"]), shardshuffle=False).decode())
-    assert len(samples) == shard["samples"]
-    first = samples[0]["input_ids.npy"]
-    assert first.dtype == np.uint16 and first.shape == (33,)
+    path = str(prepared_small.path / shard["path"])
+    ours = prepared_small.read(shard)
+    examples = list(wds.WebDataset(path, shardshuffle=False).decode())
+    rows = np.concatenate([e["input_ids.npy"].reshape(-1, 33) for e in examples])
+    assert rows.dtype == np.uint16 and rows.shape == (shard["samples"], 33)
+    np.testing.assert_array_equal(rows, ours)
     # windows overlap by one token: sample i+1 starts where sample i's last input ends
-    assert samples[1]["input_ids.npy"][0] == first[32]
+    assert rows[1][0] == rows[0][32]
+    hf = datasets.load_dataset("webdataset", data_files={"train": path}, split="train")
+    np.testing.assert_array_equal(np.concatenate([np.asarray(e["input_ids.npy"]).reshape(-1, 33) for e in hf]), ours)
+
+
+@pytest.mark.parametrize("block", [128, 256, 2048])
+def test_tar_overhead_is_under_five_percent(block, tokenizer_file, tmp_path):
+    """Shard bytes beyond the token bytes (tar headers, padding, .npy headers), over the embedded
+    corpus's validation split (3 documents, 181k tokens) at the default samples_per_shard."""
+    out = tmp_path / "data"
+    run_prep(small_prep_config(tokenizer=tokenizer_file, block_size=block, documents_per_unit=1000,
+                               samples_per_shard=2048, splits=["validation"]), out, workers=1, **QUIET)
+    manifest = ShardSet(out).manifest
+    shards = manifest["splits"]["validation"]["shards"]
+    tar = sum((out / s["path"]).stat().st_size for s in shards)
+    tokens = sum(s["tokens"] for s in shards) * np.dtype(manifest["dtype"]).itemsize
+    assert tokens > 0 and (tar - tokens) / tar < 0.05, (block, len(shards), tar, tokens)
+
+
+def test_shard_sets_of_format_1_are_read_and_unknown_formats_refused(prepared_small, tmp_path):
+    """Format 1 (one sample per tar member, before compact shards) reads as the same samples; a
+    version this reader does not know is refused in one line naming the manifest."""
+    from gam_pretrain.data.prep import npy_bytes, tar_bytes
+
+    old = linked_copy(prepared_small, tmp_path / "v1")
+    keep_only_shards(old, [prepared_small.shards(split)[0]["path"] for split in ("train", "validation")])
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for shard in manifest["splits"]["train"]["shards"] + manifest["splits"]["validation"]["shards"]:
+        rows = prepared_small.read(shard)
+        data = tar_bytes([(f"s-{i:07d}.input_ids.npy", npy_bytes(row)) for i, row in enumerate(rows)])
+        (old / shard["path"]).unlink()
+        (old / shard["path"]).write_bytes(data)
+        shard["sha256"] = hashlib.sha256(data).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    v1 = ShardSet(old)
+    np.testing.assert_array_equal(v1.read(v1.shards("train")[0]), prepared_small.read(prepared_small.shards("train")[0]))
+    verify(old, log=lambda *a: None)
+    manifest["format_version"] = 3
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PrepError, match=r"manifest.json has shard format version 3; .* reads versions 1, 2"):
+        ShardSet(old)
 
 
 def _loader(data, rank=0, world=2, workers=2, seed=5, batch=128, micro=0):

@@ -4,7 +4,7 @@ Layout of an output directory:
 
     tokenizer.json                 the tokenizer (trained on the train split, or copied in)
     plan.json                      the config and each split's number of work units
-    <split>-<unit>-<k>.tar         shards: WebDataset tars, one sample per packed sequence
+    <split>-<unit>-<k>.tar         shards: WebDataset tars of samples_per_shard packed sequences
     .units/<split>-<unit>.json     completion record of one work unit (its shards and their hashes)
     manifest.json                  written last: every shard with samples, tokens and sha256
 
@@ -62,8 +62,14 @@ from .sources import Source, SourceSpec, spec_identity
 from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
 FORMAT = "gam-pretrain-shards"
-FORMAT_VERSION = 1
+# 1: one tar member per sample (a 512-byte header and padding to 512 for each: 3-4x the token bytes).
+# 2: a member `<split>-<unit>-<k>-<j>.input_ids.npy` holds an (n, block_size + 1) array of up to
+#    MEMBER_BYTES; a member is to WebDataset one example, whose rows are the samples.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MEMBER_BYTES = 4 << 20
 UNIT_DIR = ".units"
+SAMPLE_FIELD = "input_ids.npy"
 
 
 class PrepError(RuntimeError):
@@ -140,14 +146,16 @@ def read_json(path: Path):
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A deterministic tar: fixed mtime, owner and mode, so equal content gives equal bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    """A deterministic tar (fixed mtime, owner and mode: equal content gives equal bytes), ended by
+    the two zero blocks and no more: `tarfile` pads an archive to 10 KiB, a few percent of a small
+    shard, and readers need no such padding."""
+    parts = []
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+        parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, bytes(-len(data) % tarfile.BLOCKSIZE)]
+    parts.append(bytes(2 * tarfile.BLOCKSIZE))
+    return b"".join(parts)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -173,6 +181,8 @@ def _finished_record(record_path: Path, out_dir: Path) -> dict | None:
     """A unit's record when the unit is complete (record readable, every shard there at its size)."""
     try:
         record = read_json(record_path)
+        if record.get("format_version") != FORMAT_VERSION:
+            return None  # written by an older gam-pretrain: its shards are written again in this format
         complete = all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
                        for s in record["shards"])
     except (PrepError, KeyError, TypeError):
@@ -207,17 +217,21 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     stride = block + 1 if paper else block
     n_samples = max(0, (len(tokens) - 1) // block) if not paper else len(tokens) // stride
     per_shard = max(n_samples, 1) if paper else cfg.samples_per_shard
+    # row i = tokens[i * stride : i * stride + block + 1], as views of the one token array
+    rows = np.lib.stride_tricks.sliding_window_view(tokens, block + 1)[::stride][:n_samples] if n_samples \
+        else np.zeros((0, block + 1), dtype)
+    rows_per_member = max(1, MEMBER_BYTES // (dtype.itemsize * (block + 1)))
     shards = []
     for k, first in enumerate(range(0, n_samples, per_shard)):
         last = min(first + per_shard, n_samples)
-        members = [(f"{split}-{unit:05d}-{i:07d}.input_ids.npy", npy_bytes(tokens[i * stride : i * stride + block + 1]))
-                   for i in range(first, last)]
+        members = [(f"{split}-{unit:05d}-{k:03d}-{j:03d}.{SAMPLE_FIELD}", npy_bytes(rows[start:min(start + rows_per_member, last)]))
+                   for j, start in enumerate(range(first, last, rows_per_member))]
         name = f"{split}-{unit:05d}-{k:03d}.tar"
         data = tar_bytes(members)
         _write_atomic(out_dir / name, data)
         shards.append({"path": name, "samples": last - first, "tokens": (last - first) * (block + 1),
                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    record = {"split": split, "unit": unit, "documents": documents, "tokens": int(len(tokens)),
+    record = {"format_version": FORMAT_VERSION, "split": split, "unit": unit, "documents": documents, "tokens": int(len(tokens)),
               "replaced_characters": replaced, "shards": shards}
     _write_atomic(record_path, json.dumps(record, indent=1).encode())
     return record
@@ -520,7 +534,7 @@ def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) ->
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "block_size": cfg.block_size, "sample_length": cfg.block_size + 1,
-        "sample_field": "input_ids.npy", "dtype": tokenizer_dtype(vocab_size),
+        "sample_field": SAMPLE_FIELD, "dtype": tokenizer_dtype(vocab_size),
         "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_sha, "vocab_size": vocab_size,
                       "kind": cfg.tokenizer if cfg.tokenizer.startswith("bpe-") else "file"},
         "source_fingerprint": source.fingerprint(cfg.splits),
@@ -550,8 +564,7 @@ def verify(out_dir: str | Path, log=print) -> dict:
             except PrepError as e:
                 problems.append(str(e))
                 continue
-            for s in samples:
-                token_counts += np.bincount(s, minlength=vocab_size)
+            token_counts += np.bincount(samples.ravel(), minlength=vocab_size)
         stats[split] = {"shards": len(info["shards"]), "samples": info["samples"], "tokens": info["tokens"],
                         "distinct_tokens": int((token_counts > 0).sum())}
         log(f"{split}: {len(info['shards'])} shards, {info['samples']:,} samples, {info['tokens']:,} tokens, "
@@ -574,6 +587,9 @@ def read_manifest(out_dir: str | Path) -> dict:
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrepError(f"{path} is not a gam-pretrain shard manifest")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise PrepError(f"{path} has shard format version {manifest.get('format_version')!r}; this gam-pretrain "
+                        f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: update gam-pretrain or prep again")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     tokenizer = manifest.get("tokenizer")
     missing += [f"tokenizer.{k}" for k in ("file", "sha256", "vocab_size")
@@ -601,10 +617,9 @@ def read_checked_shard(path: Path, shard: dict, manifest: dict, data_dir: Path) 
         raise PrepError(f"shard {path} cannot be read ({e.strerror or e}); {hint}") from None
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise PrepError(f"shard {path} does not match the manifest's sha256 (corrupt, truncated or changed); {hint}")
-    samples = parse_shard(data, path, manifest)
-    if len(samples) != shard["samples"]:
-        raise PrepError(f"shard {path} holds {len(samples)} samples, the manifest says {shard['samples']}; {hint}")
-    rows = np.stack(samples) if samples else np.zeros((0, manifest["sample_length"]), dtype=manifest["dtype"])
+    rows = parse_shard(data, path, manifest)
+    if len(rows) != shard["samples"]:
+        raise PrepError(f"shard {path} holds {len(rows)} samples, the manifest says {shard['samples']}; {hint}")
     check_token_ids(rows, manifest["tokenizer"]["vocab_size"], path, hint)
     return rows
 
@@ -619,26 +634,29 @@ def check_token_ids(rows: np.ndarray, vocab_size: int, path: Path, hint: str) ->
         raise PrepError(f"shard {path} holds token id {bad}, outside the vocabulary of {vocab_size} tokens; {hint}")
 
 
-def parse_shard(data: bytes, path: Path, manifest: dict) -> list[np.ndarray]:
-    """The samples of a shard's bytes, in order; `path` names it in errors."""
-    samples = []
-    header = b""  # every sample is stored with the same .npy header; parse it once
+def parse_shard(data: bytes, path: Path, manifest: dict) -> np.ndarray:
+    """The samples of a shard's bytes, in order, as one [n, sample_length] array; `path` names it in
+    errors. Format 2 stores rows of samples per member, format 1 one sample per member."""
+    length, dtype, version = manifest["sample_length"], np.dtype(manifest["dtype"]), manifest["format_version"]
+    arrays = []
+    header = b""  # format 1 stores every sample with the same .npy header: parse it once
     suffix = "." + manifest["sample_field"]
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.name.endswith(suffix):
                     continue
-                sample = tar.extractfile(member).read()
-                if not header or not sample.startswith(header):
-                    array = np.load(io.BytesIO(sample), allow_pickle=False)
-                    header = sample[: len(sample) - array.nbytes]
+                raw = tar.extractfile(member).read()
+                if version == 1 and header and raw.startswith(header):
+                    array = np.frombuffer(raw, dtype=dtype, offset=len(header))
                 else:
-                    array = np.frombuffer(sample, dtype=manifest["dtype"], offset=len(header))
-                if array.shape != (manifest["sample_length"],):
-                    raise PrepError(f"shard {path}: sample {member.name} has shape {array.shape}, expected "
-                                    f"({manifest['sample_length']},); run `gam-pretrain verify`")
-                samples.append(array)
+                    array = np.load(io.BytesIO(raw), allow_pickle=False)
+                    header = raw[: len(raw) - array.nbytes]
+                if array.dtype != dtype or array.shape[-1:] != (length,) or array.ndim != (1 if version == 1 else 2):
+                    want = f"({length},)" if version == 1 else f"(rows, {length})"
+                    raise PrepError(f"shard {path}: member {member.name} holds {array.dtype} {array.shape}, expected "
+                                    f"{dtype} {want}; run `gam-pretrain verify`")
+                arrays.append(array.reshape(-1, length))
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise PrepError(f"shard {path} is corrupt or truncated ({e}); run `gam-pretrain verify`") from None
-    return samples
+    return np.concatenate(arrays) if arrays else np.zeros((0, length), dtype=dtype)
