@@ -282,7 +282,7 @@ CASES = [
     C("prep without --out", ["prep", "embedded"], 2, "out"),
     C("prep vocab 0", ["prep", "embedded", "--out", "{tmp}/out", "--prep.vocab_size", "0"], 1, "prep.vocab_size"),
     C("prep block 0", ["prep", "embedded", "--out", "{tmp}/out", "--prep.block_size", "0"], 1, "prep.block_size"),
-    C("prep documents_per_unit 0", ["prep", "embedded", "--out", "{tmp}/out", "--prep.documents_per_unit", "0"], 1,
+    C("prep documents_per_unit -1", ["prep", "embedded", "--out", "{tmp}/out", "--prep.documents_per_unit", "-1"], 1,
       "prep.documents_per_unit"),
     C("prep glob matches nothing", ["prep", "--prep.source.kind", "files", "--prep.source.splits.train",
                                     "{tmp}/none/*.txt", "--out", "{tmp}/out"], 1, "{tmp}/none/*.txt"),

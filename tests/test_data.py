@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import os
@@ -265,6 +266,62 @@ def test_hf_datasets_path_offline_local_files_and_directory(tmp_path):
     write_jsonl(ds_dir / "validation.jsonl", STORIES[:4])
     local = Source(SourceSpec(kind="hf", path=str(tmp_path / "mydataset")))
     assert list(local.documents("validation")) == STORIES[:4]
+
+
+def mixed_corpus(folder: Path) -> SourceSpec:
+    """One large one-document text file (CRLF and lone CR line ends, U+2028 inside lines), a JSONL of
+    many documents, a gzipped JSONL (never cut) and an empty text file."""
+    import gzip
+
+    folder.mkdir()
+    lines = [f"{STORIES[i % len(STORIES)]} ({i}) caf\u00e9\u2028{'x' * (i % 7)}" for i in range(600)]
+    (folder / "a-book.txt").write_bytes("".join(line + ("\r\n" if i % 3 else "\r") for i, line in enumerate(lines)).encode())
+    write_jsonl(folder / "b-docs.jsonl", [f"{s} {i}" for i, s in enumerate(STORIES * 10)])
+    with gzip.open(folder / "c-more.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": s}) + "\n" for s in STORIES))
+    (folder / "d-empty.txt").write_text("")
+    write_jsonl(folder / "validation.jsonl", STORIES)
+    return SourceSpec(kind="files", splits={"train": str(folder / "[abcd]-*"), "validation": str(folder / "validation.jsonl")})
+
+
+def unit_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / ".units").glob("train-*.json"))]
+
+
+def test_units_by_bytes_cut_large_files_at_line_ends_and_change_no_token(tmp_path, tokenizer_file):
+    """Units of about unit_bytes: the one-document book is cut into several units, and the units'
+    token streams hold exactly the tokens of the whole split (the same documents, the same count);
+    2 workers write the same shards as 1."""
+    spec = mixed_corpus(tmp_path / "corpus")
+    whole = small_prep_config(source=spec, tokenizer=tokenizer_file, block_size=16, documents_per_unit=0,
+                              unit_bytes=1 << 30)
+    run_prep(whole, tmp_path / "one-unit", **QUIET)
+    cut = dataclasses.replace(whole, unit_bytes=4000)
+    for workers in (1, 2):
+        run_prep(cut, tmp_path / f"cut-{workers}", workers=workers, **QUIET)
+    one, many = unit_records(tmp_path / "one-unit"), unit_records(tmp_path / "cut-1")
+    assert len(one) == 1 and len(many) > 10
+    plan = json.loads((tmp_path / "cut-1" / "plan.json").read_text())
+    book = [piece for unit in plan["pieces"]["train"] for piece in unit if piece[0].endswith("a-book.txt")]
+    assert len(book) > 5 and all(piece[1] < piece[2] or piece[2] == -1 for piece in book)
+    assert sum(r["tokens"] for r in many) == one[0]["tokens"]
+    assert sum(r["documents"] for r in many) == one[0]["documents"] == 1 + 300 + 30 + 1
+    assert shard_hashes(tmp_path / "cut-1") == shard_hashes(tmp_path / "cut-2")
+
+
+def test_tokenizer_train_bytes_learns_from_the_first_bytes_only(tmp_path):
+    text = " ".join(STORIES * 20)
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "first.txt").write_text(text.encode()[:3000].decode())
+    write_jsonl(tmp_path / "validation.jsonl", STORIES)
+    tokenizers = {}
+    for name, train, limit in (("limited", "train.txt", 3000), ("first", "first.txt", 0), ("all", "train.txt", 0)):
+        spec = SourceSpec(kind="files", splits={"train": str(tmp_path / train), "validation": str(tmp_path / "validation.jsonl")})
+        cfg = small_prep_config(source=spec, tokenizer="bpe-whitespace", vocab_size=120, block_size=8,
+                                tokenizer_train_bytes=limit)
+        run_prep(cfg, tmp_path / name, **QUIET)
+        tokenizers[name] = (tmp_path / name / "tokenizer.json").read_bytes()
+    assert tokenizers["limited"] == tokenizers["first"] != tokenizers["all"]
 
 
 def test_streaming_prep_matches_regular_prep(tmp_path, tokenizer_file):
@@ -554,7 +611,8 @@ def test_a_changed_tokenizer_file_is_another_prep(tmp_path, tokenizer_file):
 
 def test_prep_config_values_are_refused_by_key_before_anything_is_written(tmp_path):
     for key, value in (("vocab_size", 0), ("vocab_size", -5), ("block_size", 0), ("block_size", -1),
-                       ("documents_per_unit", 0), ("samples_per_shard", 0), ("tokenizer_train_documents", -1)):
+                       ("documents_per_unit", -1), ("unit_bytes", 0), ("samples_per_shard", 0),
+                       ("tokenizer_train_documents", -1), ("tokenizer_train_bytes", -1)):
         with pytest.raises(PrepError, match=rf"^prep\.{key} must be .*got {value}$"):
             run_prep(stories_prep(tmp_path, **{key: value}), tmp_path / "out", **QUIET)
         assert not (tmp_path / "out").exists()
@@ -640,6 +698,7 @@ def test_garbled_manifest_and_tokenizer_are_named(prepared_small, tmp_path):
 # ---- the paper's data pipeline: packing, tokenizer splits, bpe-paper, exclude, prep identity ---------
 PAPER_KEYS = ("packing", "tokenizer_splits")  # PrepConfig fields added with the paper's packing
 PAPER_SOURCE_KEYS = ("exclude", "missing_hint")  # SourceSpec fields added with the linux_doc recipe
+BYTES_KEYS = ("unit_bytes", "tokenizer_train_bytes")  # PrepConfig fields added with units by bytes
 
 
 def unique_stories_spec(folder: Path, validation=STORIES[:6], extra: dict | None = None) -> SourceSpec:
@@ -661,11 +720,9 @@ def paper_prep(tmp_path: Path, **overrides):
 
 
 def old_identity(cfg) -> dict:
-    """The prep config as the code before `packing` and `tokenizer_splits` recorded it."""
-    import dataclasses
-
+    """The prep config as the code before `packing`, `tokenizer_splits` and units by bytes recorded it."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    for key in PAPER_KEYS:
+    for key in PAPER_KEYS + BYTES_KEYS:
         del d[key]
     for key in PAPER_SOURCE_KEYS:
         del d["source"][key]

@@ -84,9 +84,11 @@ class PrepConfig:
     vocab_size: int = 10000  # for a trained tokenizer
     tokenizer_splits: list[str] = field(default_factory=lambda: ["train"])  # splits a trained tokenizer learns from; [all]: every split the source has (the paper's code)
     tokenizer_train_documents: int = 0  # train documents the tokenizer learns from; 0 = the whole train split
+    tokenizer_train_bytes: int = 0  # at most this many bytes of text the tokenizer learns from (the first of its splits); 0 = no limit
     block_size: int = 256  # tokens per training sample (each window holds block_size + 1)
     packing: Literal["separators", "paper"] = "separators"  # separators: <eos> after each document, windows overlap by one token; paper: no separators, non-overlapping chunks over the whole split
-    documents_per_unit: int = 1000  # documents per work unit (the unit of parallelism and of resume)
+    unit_bytes: int = 16 << 20  # bytes of text per work unit (the unit of parallelism, memory and resume)
+    documents_per_unit: int = 0  # > 0: work units of this many documents instead of unit_bytes; 0 = by bytes (hf sources: 1000)
     samples_per_shard: int = 2048  # samples per tar shard
 
 
@@ -94,8 +96,9 @@ TRAINED_TOKENIZERS = ("bpe-whitespace", "bpe-bytelevel", "bpe-paper")
 PACKINGS = ("separators", "paper")
 # fields added after preps were first recorded, with the value every older prep had: left out of a
 # prep's recorded identity at that value, so older prep folders and cache keys stay valid
-_ADDED_SINCE = {"tokenizer_splits": ["train"], "packing": "separators"}
-POSITIVE_KEYS = ("block_size", "documents_per_unit", "samples_per_shard")
+_ADDED_SINCE = {"tokenizer_splits": ["train"], "packing": "separators", "tokenizer_train_bytes": 0}
+POSITIVE_KEYS = ("block_size", "unit_bytes", "samples_per_shard")
+HF_DOCUMENTS_PER_UNIT = 1000  # an hf source's units when documents_per_unit is 0 (its bytes are not known up front)
 
 
 def check_prep_config(cfg: PrepConfig) -> None:
@@ -104,9 +107,11 @@ def check_prep_config(cfg: PrepConfig) -> None:
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise PrepError(f"prep.{key} must be a positive integer, got {value!r}")
-    if not isinstance(cfg.tokenizer_train_documents, int) or cfg.tokenizer_train_documents < 0:
-        raise PrepError(f"prep.tokenizer_train_documents must be 0 (the whole train split) or more, "
-                        f"got {cfg.tokenizer_train_documents!r}")
+    for key, zero in (("tokenizer_train_documents", "the whole train split"), ("tokenizer_train_bytes", "no limit"),
+                      ("documents_per_unit", "units by bytes")):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PrepError(f"prep.{key} must be 0 ({zero}) or more, got {value!r}")
     if not cfg.splits:
         raise PrepError("prep.splits is empty; name the splits to write (train, validation)")
     if len(set(cfg.splits)) != len(cfg.splits):
@@ -201,17 +206,16 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     if eos is None and not paper:
         raise PrepError(f"the tokenizer has none of {EOS_CANDIDATES}; documents are separated by one, add it")
     dtype = np.dtype(tokenizer_dtype(tokenizer.get_vocab_size()))
-    start, stop = (0, None) if paper else (unit * cfg.documents_per_unit, (unit + 1) * cfg.documents_per_unit)
-    ids: list[int] = []
+    arrays: list[np.ndarray] = []
     documents = replaced = 0
-    for doc in Source(cfg.source).documents(split, start, stop):
-        documents += 1
+    for doc, ends_document in unit_documents(cfg, out_dir, split, unit):
+        documents += ends_document
         replaced += doc.count("\ufffd")
         # paper: each row encoded whole, as its code does (line splitting breaks at \x1c-\x1e too)
-        ids.extend(tokenizer.encode(doc, add_special_tokens=False).ids if paper else _encode(tokenizer, doc))
-        if not paper:
-            ids.append(eos)
-    tokens = np.asarray(ids, dtype=dtype)
+        ids = tokenizer.encode(doc, add_special_tokens=False).ids if paper else _encode(tokenizer, doc)
+        arrays.append(np.asarray(ids + [eos] if ends_document and not paper else ids, dtype=dtype))
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+    del arrays
     block = cfg.block_size
     # separators: window i starts at i * block (overlapping by one); paper: chunk i at i * (block + 1)
     stride = block + 1 if paper else block
@@ -235,6 +239,35 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
               "replaced_characters": replaced, "shards": shards}
     _write_atomic(record_path, json.dumps(record, indent=1).encode())
     return record
+
+
+def documents_per_unit(cfg: PrepConfig) -> int:
+    """Documents per unit where units count documents (hf sources, or prep.documents_per_unit > 0)."""
+    return cfg.documents_per_unit or HF_DOCUMENTS_PER_UNIT
+
+
+def units_by_bytes(cfg: PrepConfig, split: str) -> bool:
+    return (cfg.packing != "paper" and cfg.documents_per_unit == 0 and cfg.source.kind != "hf"
+            and split not in cfg.source.max_documents)
+
+
+@functools.lru_cache(maxsize=4)
+def _planned_pieces(plan_path: str, mtime_ns: int) -> dict:
+    return read_json(Path(plan_path)).get("pieces", {})
+
+
+def unit_documents(cfg: PrepConfig, out_dir: Path, split: str, unit: int):
+    """A unit's text as (text, ends a document) pairs: its pieces from plan.json (units by bytes),
+    or its documents (units of documents; packing: paper, the whole split)."""
+    source = Source(cfg.source)
+    if cfg.packing == "paper":
+        return ((doc, True) for doc in source.documents(split))
+    if units_by_bytes(cfg, split):
+        plan = out_dir / "plan.json"
+        pieces = _planned_pieces(str(plan), plan.stat().st_mtime_ns)[split][unit]
+        return (part for piece in pieces for part in source.piece_documents(split, piece))
+    n = documents_per_unit(cfg)
+    return ((doc, True) for doc in source.documents(split, unit * n, (unit + 1) * n))
 
 
 def _unit_worker(args):
@@ -280,8 +313,9 @@ def tokenizer_splits(cfg: PrepConfig) -> list[str]:
     return list(cfg.source.splits) if cfg.tokenizer_splits == ["all"] else list(cfg.tokenizer_splits)
 
 
-def count_units(cfg: PrepConfig, source: Source, log=print) -> dict[str, int | None]:
-    """Each split's number of work units (None: open-ended, streaming); an empty split is refused."""
+def count_units(cfg: PrepConfig, source: Source, log=print) -> tuple[dict[str, int | None], dict[str, list]]:
+    """Each split's number of work units (None: open-ended, streaming), and the pieces of each unit
+    of the splits cut by bytes; an empty split is refused."""
     if is_trained(cfg) and "train" not in cfg.splits and _split_is_empty(source, "train"):
         raise PrepError("split 'train' of the corpus is empty: nothing to train a tokenizer on")
     if is_trained(cfg):
@@ -292,18 +326,26 @@ def count_units(cfg: PrepConfig, source: Source, log=print) -> dict[str, int | N
             if split not in cfg.splits and _split_is_empty(source, split):
                 raise PrepError(f"split {split!r} of the corpus (in prep.tokenizer_splits) is empty")
     units: dict[str, int | None] = {}
+    pieces: dict[str, list] = {}
     for split in cfg.splits:
+        if units_by_bytes(cfg, split):
+            pieces[split] = source.byte_units(split, cfg.unit_bytes)
+            if _split_is_empty(source, split):
+                raise PrepError(f"split {split!r} of the corpus is empty")
+            units[split] = len(pieces[split])
+            log(f"{split}: {units[split]} units of about {cfg.unit_bytes:,} bytes")
+            continue
         n_docs = source.num_documents(split)
         if n_docs == 0 or (n_docs is None and _split_is_empty(source, split)):
             raise PrepError(f"split {split!r} of the corpus is empty")
         if cfg.packing == "paper":
             units[split] = 1  # the chunks run across the whole split
         else:
-            units[split] = math.ceil(n_docs / cfg.documents_per_unit) if n_docs is not None else None
+            units[split] = math.ceil(n_docs / documents_per_unit(cfg)) if n_docs is not None else None
         where = ("1 unit (packing: paper)" if cfg.packing == "paper" else
-                 f"{units[split] if n_docs is not None else 'open-ended'} units of {cfg.documents_per_unit}")
+                 f"{units[split] if n_docs is not None else 'open-ended'} units of {documents_per_unit(cfg)} documents")
         log(f"{split}: {n_docs if n_docs is not None else 'unknown number of'} documents in {where}")
-    return units
+    return units, pieces
 
 
 def prep_artifacts(out_dir: Path) -> list[str]:
@@ -352,6 +394,8 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
         log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on split(s) {', '.join(splits)} ...")
         texts = itertools.chain.from_iterable(
             source.documents(split, 0, limit if split == "train" else None) for split in splits)
+        if cfg.tokenizer_train_bytes:
+            texts = _first_bytes(texts, cfg.tokenizer_train_bytes)
         tokenizer = train_bpe(texts, cfg.vocab_size, cfg.tokenizer)
         if tokenizer.get_vocab_size() == 0:
             raise PrepError(f"split(s) {', '.join(splits)} are empty: nothing to train a tokenizer on")
@@ -360,10 +404,24 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
     _write_atomic(target, tokenizer.to_str().encode())
 
 
+def _first_bytes(texts, limit: int):
+    """The texts up to `limit` bytes of UTF-8 in all (the last one cut short, at a character)."""
+    left = limit
+    for text in texts:
+        data = text.encode()
+        if len(data) >= left:
+            yield data[:left].decode(errors="ignore")
+            return
+        left -= len(data)
+        yield text
+
+
 def prep_identity(cfg: PrepConfig) -> dict:
     """The prep's identity: its config, less fields added later that hold the value older preps had
     (and the source's, see spec_identity)."""
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in _ADDED_SINCE and v == _ADDED_SINCE[k])}
+    if cfg.documents_per_unit:
+        del identity["unit_bytes"]  # units of documents (every prep before units by bytes): no bytes in them
     identity["source"] = spec_identity(cfg.source)
     return identity
 
@@ -387,7 +445,7 @@ def plan_prep(cfg: PrepConfig, out_dir: str | Path, log=print) -> dict:
     check_prep_folder(out_dir, record)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; workers are the parallelism
     source = Source(cfg.source)
-    units = count_units(cfg, source, log=log)
+    units, pieces = count_units(cfg, source, log=log)
     try:
         (out_dir / UNIT_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -396,7 +454,8 @@ def plan_prep(cfg: PrepConfig, out_dir: str | Path, log=print) -> dict:
     prepare_tokenizer(cfg, out_dir, source, log=log)
     if (out_dir / "plan.json").is_file():
         read_plan(out_dir)  # an earlier plan of this prep: its tokenizer must still be the folder's
-    plan = {"config": cfg_dict, "units": units, "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json")}
+    plan = {"config": cfg_dict, "units": units, "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json"),
+            "pieces": pieces}
     _write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1).encode())
     return plan
 
@@ -448,7 +507,7 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
             record = read_json(path)
             if record["documents"] or unit == 0:
                 records[split].append(record)
-            if n is None and record["documents"] < cfg.documents_per_unit:
+            if n is None and record["documents"] < documents_per_unit(cfg):
                 break
             unit += 1
         if sum(r["tokens"] for r in records[split]) == 0:
@@ -511,7 +570,7 @@ def _run_units(cfg_dict, cfg, out_dir, units: dict[str, int | None], workers, pr
                                                for i in range(first, first + wave_size)]))
                 for record in wave:
                     collect(record)
-                if any(r["documents"] < cfg.documents_per_unit for r in wave):
+                if any(r["documents"] < documents_per_unit(cfg) for r in wave):
                     break
                 first += wave_size
     finally:

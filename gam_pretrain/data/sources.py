@@ -11,6 +11,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -87,6 +88,22 @@ def _text(value, where: str, field_: str) -> str:
     return value
 
 
+def _cut_in_bytes(data: bytes, at: int) -> int:
+    """The first position after a newline at or past `at` (len(data) when there is none)."""
+    found = data.find(b"\n", max(at - 1, 0))
+    return len(data) if found < 0 else found + 1
+
+
+def _cut_in_file(path: Path, at: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(at - 1, 0))
+            skipped = f.readline()
+            return max(at - 1, 0) + len(skipped)
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 class Source:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -131,19 +148,22 @@ class Source:
         try:
             if name.endswith(".parquet"):
                 yield from self._parquet_documents(path)
-            elif name.endswith((".jsonl", ".json")):
-                with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if line.strip():
-                            yield self._jsonl_text(line, f"{path}:{lineno}")
             else:
                 with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                    if self.spec.txt_documents == "lines":
-                        yield from (line.rstrip("\n") for line in f if line.strip())
-                    else:
-                        yield f.read()
+                    yield from self._text_documents(f, path)
         except (OSError, EOFError) as e:
             raise SourceError(f"cannot read {path}: {e}") from None
+
+    def _text_documents(self, f, path: Path, where: str = "") -> Iterator[str]:
+        """The documents of an open text stream of a JSONL or text file (`where`: which bytes of it)."""
+        if path.name.removesuffix(".gz").endswith((".jsonl", ".json")):
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield self._jsonl_text(line, f"{path}{where}:{lineno}")
+        elif self.spec.txt_documents == "lines":
+            yield from (line.rstrip("\n") for line in f if line.strip())
+        else:
+            yield f.read()
 
     def _jsonl_text(self, line: str, where: str) -> str:
         """The text field of one JSONL line; `where` is file:line."""
@@ -227,6 +247,85 @@ class Source:
         except ValueError as e:  # streaming reads lazily: a garbled file shows up here (pyarrow raises ValueErrors)
             raise SourceError(f"cannot read {self._hf_name()}: {first_line(e)}") from None
 
+    # ---- work units by bytes ------------------------------------------------------------------
+    def byte_units(self, split: str, unit_bytes: int) -> list[list[list]]:
+        """The split cut into work units of about `unit_bytes` of text, for embedded and files sources.
+
+        A unit is a list of pieces [item, start, end]: bytes [start, end) of one item (a file's path,
+        or an embedded document's index), end -1 for the rest of it. Small items are grouped; a large
+        one is cut, each cut just after a newline (found by seeking), so every cut is a document
+        boundary in JSONL and line-per-document text, and a line boundary inside a one-document file
+        (the tokenizer is given a document line by line: a cut there changes no token). Compressed
+        (.gz) and parquet files cannot be cut without reading them whole: each is whole in a unit.
+        """
+        units: list[list[list]] = []
+        current: list[list] = []
+        filled = 0
+
+        def close():
+            nonlocal current, filled
+            if current:
+                units.append(current)
+            current, filled = [], 0
+
+        for item, size, cut_after_newline in self._unit_items(split):
+            start = 0
+            while size - start > unit_bytes - filled and cut_after_newline is not None:
+                cut = cut_after_newline(start + unit_bytes - filled)
+                if cut >= size:
+                    break
+                current.append([item, start, cut])
+                close()
+                start = cut
+            if start < size or not size:
+                current.append([item, start, -1])
+                filled += size - start
+            if filled >= unit_bytes:
+                close()
+        close()
+        return units
+
+    def _unit_items(self, split: str):
+        """(item, bytes, cut finder or None) per item of the split, in the source's order."""
+        if self.spec.kind == "embedded":
+            for index, doc in enumerate(_embedded_documents(split)):
+                data = doc.encode()
+                yield index, len(data), functools.partial(_cut_in_bytes, data)
+            return
+        if self.spec.kind != "files":
+            raise SourceError("work units by bytes need an embedded or files source; set prep.documents_per_unit")
+        for path in self._split_files(split):
+            whole = path.name.endswith((".gz", ".parquet"))
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+            yield str(path), size, None if whole else functools.partial(_cut_in_file, path)
+
+    def piece_documents(self, split: str, piece: list) -> Iterator[tuple[str, bool]]:
+        """The text of one piece of a unit as (text, ends a document) pairs, in order."""
+        item, start, end = piece
+        if self.spec.kind == "embedded":
+            data = _embedded_documents(split)[item].encode()
+            yield data[start:None if end < 0 else end].decode(), end < 0
+            return
+        path = Path(item)
+        if start == 0 and end < 0:
+            for doc in self._file_documents(path):
+                yield doc, True
+            return
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(-1 if end < 0 else end - start)
+        except OSError as e:
+            raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+        # decoded as a whole file is (universal newlines, replacement characters)
+        text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")
+        one_document = not path.name.endswith((".jsonl", ".json")) and self.spec.txt_documents == "file"
+        for doc in self._text_documents(text, path, f" (from byte {start}), line"):
+            yield doc, end < 0 or not one_document
+
     # ---- sizes and identity ----------------------------------------------------------------
     def num_documents(self, split: str) -> int | None:
         """Documents in the split, or None when only a full pass can tell (streaming)."""
@@ -248,7 +347,9 @@ class Source:
             elif self.spec.kind == "files":
                 for path in self._split_files(split):
                     h.update(path.name.encode())
-                    h.update(path.read_bytes())
+                    with open(path, "rb") as f:  # in blocks: a corpus file can be larger than memory
+                        while block := f.read(1 << 20):
+                            h.update(block)
             elif not self.spec.streaming:
                 h.update(self._hf_dataset(split)._fingerprint.encode())
         return h.hexdigest()

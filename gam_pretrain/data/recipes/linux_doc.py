@@ -12,7 +12,7 @@ corpus (the prep's manifest records every shard's hash).
 
 Splits by folder, so that no file is in two: validation = filesystems/ (about 225k words), test =
 userspace-api/ (about 263k words), train = every other folder except translations/ (non-English).
-One document per file.
+One document per file; work units of 16 MiB of text (prep.unit_bytes).
 """
 from ..prep import PrepConfig
 from ..sources import SourceSpec
@@ -28,6 +28,5 @@ RECIPE = PrepConfig(
     tokenizer="bpe-whitespace",
     vocab_size=10000,
     block_size=256,
-    documents_per_unit=250,
     samples_per_shard=2048,
 )
