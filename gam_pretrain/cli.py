@@ -270,6 +270,12 @@ def cmd_verify(args, overrides):
     verify(args.dir)
 
 
+def cmd_inspect(args, overrides):
+    from .data.inspect import inspect_shards
+
+    inspect_shards(args.dir, samples=args.samples, max_shards=args.max_shards)
+
+
 def cmd_export(args, overrides):
     from .export import export_checkpoint
 
@@ -401,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-hash a shard directory against its manifest and print stats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify, takes_keys=False)
+    p = sub.add_parser("inspect", help="a shard directory's summary, a few decoded samples, token ids by occurrences")
+    p.add_argument("dir")
+    p.add_argument("--samples", type=int, default=2, help="samples to decode per split")
+    p.add_argument("--max-shards", type=int, default=4, help="shards read per split for the token counts")
+    p.set_defaults(func=cmd_inspect, takes_keys=False)
     p = sub.add_parser("export", help="a checkpoint (any engine) -> model.safetensors + config.json + tokenizer")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--out", required=True)

@@ -954,3 +954,17 @@ def test_exclude_spelt_like_the_split_glob_with_dot_slash_excludes(tmp_path, mon
     Path("d/b.txt").write_text("b")
     spec = SourceSpec(kind="files", splits={"train": "./d/*.txt"}, exclude={"train": ["./d/b.txt"]})
     assert list(Source(spec).documents("train")) == ["a"]
+
+
+def test_inspect_prints_the_summary_samples_and_token_counts_per_split(prepared_small):
+    from gam_pretrain.data.inspect import inspect_shards
+
+    lines = []
+    report = inspect_shards(prepared_small.path, samples=2, max_shards=1, log=lines.append)
+    text = "\n".join(lines)
+    assert "shard format 2, block 32" in text
+    assert f"train: {len(prepared_small.shards('train'))} shards" in text and "validation: " in text
+    assert sum("sample" in line and ".tar" in line for line in lines) == 4  # 2 per split, decoded
+    for split in ("train", "validation"):
+        assert sum(report[split]["histogram"].values()) == prepared_small.vocab_size
+        assert report[split]["distinct_ids"] == prepared_small.vocab_size - report[split]["histogram"]["0"]
