@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .prep import read_checked_shard, read_manifest
 from .shards import ShardSet
 
 # bins of how many times a token id occurs (the last one open-ended)
@@ -29,7 +28,7 @@ def count_histogram(token_counts: np.ndarray) -> dict[str, int]:
 
 def inspect_shards(path: str | Path, samples: int = 2, max_shards: int = 4, log=print) -> dict:
     shard_set = ShardSet(path)
-    manifest = read_manifest(shard_set.path)
+    manifest = shard_set.manifest
     tokenizer = shard_set.tokenizer()
     vocab = manifest["tokenizer"]["vocab_size"]
     itemsize = np.dtype(manifest["dtype"]).itemsize
@@ -46,7 +45,7 @@ def inspect_shards(path: str | Path, samples: int = 2, max_shards: int = 4, log=
         shown = 0
         read = shards[:max_shards]
         for shard in read:
-            rows = read_checked_shard(shard_set.path / shard["path"], shard, manifest, shard_set.path)
+            rows = shard_set.read(shard)
             counts += np.bincount(rows.ravel(), minlength=vocab)
             for row in rows[: max(0, samples - shown)]:
                 text = tokenizer.decode(row.tolist(), skip_special_tokens=False).replace("\n", "\\n")

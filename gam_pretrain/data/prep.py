@@ -58,6 +58,7 @@ import numpy as np
 
 from .. import files
 from ..files import sha256_file
+from .remote import PLAIN_NAME, file_url, is_remote, read_remote
 from .sources import Source, SourceSpec, spec_identity
 from .tokenizer import EOS_CANDIDATES, eos_id, load_tokenizer, train_bpe
 
@@ -604,22 +605,21 @@ def build_manifest(cfg, cfg_dict, records, tokenizer_sha, vocab_size, source) ->
 def verify(out_dir: str | Path, log=print) -> dict:
     """Re-hash every shard against the manifest and read every sample. Each problem is logged on
     its own line; then one PrepError line counts them and names the first."""
-    out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     vocab_size = manifest["tokenizer"]["vocab_size"]
     problems = []
-    tokenizer = out_dir / manifest["tokenizer"]["file"]
-    if not tokenizer.is_file():
-        problems.append(f"{tokenizer.name}: missing")
-    elif sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]:
-        problems.append(f"{tokenizer.name}: sha256 differs from the manifest (changed or corrupt)")
+    name = manifest["tokenizer"]["file"]
+    try:
+        if hashlib.sha256(read_data_file(out_dir, name)).hexdigest() != manifest["tokenizer"]["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (changed or corrupt)")
+    except OSError:
+        problems.append(f"{name}: missing")
     stats = {}
     for split, info in manifest["splits"].items():
         token_counts = np.zeros(vocab_size, dtype=np.int64)
         for shard in info["shards"]:
-            path = out_dir / shard["path"]
             try:
-                samples = read_checked_shard(path, shard, manifest, out_dir)
+                samples = read_checked_shard(out_dir, shard, manifest)
             except PrepError as e:
                 problems.append(str(e))
                 continue
@@ -639,11 +639,34 @@ def verify(out_dir: str | Path, log=print) -> dict:
 MANIFEST_KEYS = ("block_size", "sample_length", "sample_field", "dtype", "tokenizer", "splits")
 
 
+def data_file(location: str | Path, name: str) -> str:
+    """Where file `name` of a shard set is: a path in a local folder, or its URL."""
+    return file_url(str(location), name) if is_remote(str(location)) else str(Path(location) / name)
+
+
+def read_data_file(location: str | Path, name: str) -> bytes:
+    """A file of a shard set, local or at a URL (read again on dropped connections); OSError if not."""
+    if is_remote(str(location)):
+        return read_remote(str(location), name)
+    return (Path(location) / name).read_bytes()
+
+
 def read_manifest(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
-        raise PrepError(f"no manifest.json in {out_dir}: prep has not finished there")
-    manifest = read_json(path)
+    try:
+        path = data_file(out_dir, "manifest.json")
+    except OSError as e:  # a URL that names no file
+        raise PrepError(str(e)) from None
+    if is_remote(str(out_dir)):
+        try:
+            manifest = json.loads(read_data_file(out_dir, "manifest.json"))
+        except OSError as e:
+            raise PrepError(f"no manifest.json at {out_dir}: {e}") from None
+        except ValueError as e:
+            raise PrepError(f"{path} is not valid JSON ({e})") from None
+    else:
+        if not Path(path).is_file():
+            raise PrepError(f"no manifest.json in {out_dir}: prep has not finished there")
+        manifest = read_json(Path(path))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrepError(f"{path} is not a gam-pretrain shard manifest")
     if manifest.get("format_version") not in READABLE_VERSIONS:
@@ -660,18 +683,22 @@ def read_manifest(out_dir: str | Path) -> dict:
         shards = info.get("shards") if isinstance(info, dict) else None
         if not isinstance(shards, list) or not all(
                 isinstance(shard, dict) and all(isinstance(shard.get(k), t) for k, t in shard_fields.items())
-                and Path(shard["path"]).name == shard["path"] for shard in shards):
+                and PLAIN_NAME.fullmatch(shard["path"]) for shard in shards):
             raise PrepError(f"{path}: split {split!r} is garbled (each shard needs a plain file name, samples, tokens "
                             "and sha256); prep again")
+    if not PLAIN_NAME.fullmatch(str(tokenizer["file"])):
+        raise PrepError(f"{path}: tokenizer.file {tokenizer['file']!r} is not a plain file name; prep again")
     return manifest
 
 
-def read_checked_shard(path: Path, shard: dict, manifest: dict, data_dir: Path) -> np.ndarray:
-    """A shard's samples as one array, read once: its bytes are hashed and compared with the
-    manifest before they are parsed, and every token id is checked against the vocabulary."""
+def read_checked_shard(data_dir: str | Path, shard: dict, manifest: dict) -> np.ndarray:
+    """A shard's samples as one array, read once (from a folder or a URL): its bytes are hashed and
+    compared with the manifest before they are parsed, and every token id is checked against the
+    vocabulary."""
     hint = f"run `gam-pretrain verify {data_dir}`"
+    path = data_file(data_dir, shard["path"])
     try:
-        data = path.read_bytes()
+        data = read_data_file(data_dir, shard["path"])
     except OSError as e:
         raise PrepError(f"shard {path} cannot be read ({e.strerror or e}); {hint}") from None
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:

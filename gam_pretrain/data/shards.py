@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prep import PrepError, read_checked_shard, read_manifest
+from .prep import PrepError, data_file, read_checked_shard, read_data_file, read_manifest
+from .remote import is_remote
 from .tokenizer import tokenizer_from_bytes
 
 
@@ -37,9 +38,15 @@ class ShardSet:
     """A prepared data directory: manifest.json, tokenizer.json and the shards."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        # a folder, or a URL (https://, http://, pipe:) whose files are read with retries (data/remote.py)
+        self.path = str(path) if is_remote(str(path)) else Path(path)
         self.manifest = read_manifest(self.path)
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def where(self) -> str:
+        """The folder (absolute) or the URL: what a run records as its data."""
+        return self.path if isinstance(self.path, str) else str(self.path.resolve())
 
     @property
     def vocab_size(self) -> int:
@@ -51,19 +58,20 @@ class ShardSet:
 
     def tokenizer_bytes(self) -> bytes:
         """tokenizer.json as the shards were written with it (its bytes checked against the manifest)."""
-        path = self.path / self.manifest["tokenizer"]["file"]
+        name = self.manifest["tokenizer"]["file"]
         try:
-            data = path.read_bytes()
+            data = read_data_file(self.path, name)
         except OSError as e:
-            raise PrepError(f"{path} cannot be read ({e.strerror or e}); run `gam-pretrain verify {self.path}`") from None
+            raise PrepError(f"{data_file(self.path, name)} cannot be read ({e.strerror or e}); "
+                            f"run `gam-pretrain verify {self.path}`") from None
         if hashlib.sha256(data).hexdigest() != self.manifest["tokenizer"]["sha256"]:
-            raise PrepError(f"{path} does not match the manifest's sha256 (changed or corrupt); "
+            raise PrepError(f"{data_file(self.path, name)} does not match the manifest's sha256 (changed or corrupt); "
                             f"run `gam-pretrain verify {self.path}`")
         return data
 
     def tokenizer(self):
         """The tokenizer the shards were written with (its bytes checked against the manifest)."""
-        return tokenizer_from_bytes(self.tokenizer_bytes(), self.path / self.manifest["tokenizer"]["file"])
+        return tokenizer_from_bytes(self.tokenizer_bytes(), data_file(self.path, self.manifest["tokenizer"]["file"]))
 
     def shards(self, split: str) -> list[dict]:
         if split not in self.manifest["splits"]:
@@ -73,7 +81,7 @@ class ShardSet:
     def read(self, shard: dict) -> np.ndarray:
         """A shard's samples [n, block_size + 1]. Its bytes are read once and hashed before they are
         parsed, so a corrupt shard (or an id outside the vocabulary) never reaches a model."""
-        return read_checked_shard(self.path / shard["path"], shard, self.manifest, self.path)
+        return read_checked_shard(self.path, shard, self.manifest)
 
 
 def _to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

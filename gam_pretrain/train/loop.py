@@ -221,7 +221,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
         def trainer_state(step: int) -> dict:
             return {"step": step, "tokens": step * tokens_per_step, "loader": loader.state_dict(),
                     "history": history, "train_seconds": train_seconds, "arch": cfg.model.arch, "params": n_params,
-                    "data_path": str(data.path.resolve()), "world_size": dist.world_size,
+                    "data_path": data.where, "world_size": dist.world_size,
                     "micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum, **fingerprints}
 
         c = cfg.checkpoint
