@@ -173,7 +173,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 # ---- one work unit ------------------------------------------------------------------------------
 def _encode(tokenizer, doc: str) -> list[int]:
     ids: list[int] = []
-    for enc in tokenizer.encode_batch(doc.splitlines(keepends=True), add_special_tokens=False):
+    # encode_batch_fast (tokenizers >= 0.20): the same ids, without the character offsets
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    for enc in encode(doc.splitlines(keepends=True), add_special_tokens=False):
         ids.extend(enc.ids)
     return ids
 
