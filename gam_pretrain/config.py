@@ -42,6 +42,8 @@ class DataConfig:
     prep_if_missing: bool = False  # prep the recipe here when cache_dir lacks it; false: stop, naming the prep command
     prep_workers: int = 1  # worker processes for that prep
     num_workers: int = 0  # DataLoader workers per rank (the sample order does not depend on them)
+    mixture: dict[str, float] = field(default_factory=dict)  # prepared folders or URLs -> weights: train on their weighted mixture (validation: the first); empty: data.dir or the recipe
+    mixture_max_epochs: dict[str, float] = field(default_factory=dict)  # mixture source -> at most this many passes over its samples (a longer run is refused)
     log_sample_ids: bool = False  # append every step's sample ids to <run>/sample_ids/rank<r>.jsonl: an audit that each sample is trained on once per epoch, across resumes
 
 
@@ -237,7 +239,7 @@ def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) 
 ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "optim.decay": "matrices",
                           "optim.warmup_from_zero": False, "data.tokenizer_splits": ["train"],
                           "data.packing": "separators", "train.eval_mean": "tokens",
-                          "train.micro_batch_size": 0}
+                          "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {}}
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:

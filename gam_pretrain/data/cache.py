@@ -93,7 +93,7 @@ def prep_command(recipe: str, prep_cfg: PrepConfig, out: Path) -> str:
 def check_data_available(data_cfg, model_cfg) -> None:
     """Raises DataMissingError, naming the prep command, when the run's recipe is neither prepared
     nor to be prepped here (data.prep_if_missing). Cheap: every rank can call it."""
-    if data_cfg.dir or data_cfg.prep_if_missing:
+    if data_cfg.dir or data_cfg.mixture or data_cfg.prep_if_missing:
         return
     prep_cfg, out = recipe_prep(data_cfg, model_cfg)
     if not (out / "manifest.json").is_file():
@@ -107,7 +107,9 @@ def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
     """data.dir, or the recipe's prep in data.cache_dir. A missing prep runs here only with
     data.prep_if_missing (the quickstart sets it): a cluster job never starts an hours-long prep
     on rank 0 by surprise."""
-    if data_cfg.dir:
+    if data_cfg.mixture:  # the first source stands for the mixture here (they share tokenizer and block size)
+        data = ShardSet(next(iter(data_cfg.mixture)))
+    elif data_cfg.dir:
         data = ShardSet(data_cfg.dir)
         check_prepped_as_asked(data, data_cfg)
     else:

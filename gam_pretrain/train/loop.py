@@ -23,6 +23,7 @@ from ..accel import apply_accel
 from ..config import RunConfig, batch_layout, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
 from ..data.cache import check_data_available, open_training_data
+from ..data.mixture import MixtureLoader
 from ..eval.perplexity import evaluate
 from ..models import build_model
 from .checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint
@@ -173,10 +174,24 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     flops_per_token = shape.flops_per_token(cfg.model.block_size)
     t = cfg.train
     layout = batch_layout(t, dist.world_size)
-    loader = ShardLoader(data, "train", layout.global_batch, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
-                         micro_batch_size=layout.micro_batch_size, num_workers=cfg.data.num_workers)
+    if cfg.data.mixture:
+        sources = {name: data if i == 0 else ShardSet(name) for i, name in enumerate(cfg.data.mixture)}
+        loader = MixtureLoader(sources, cfg.data.mixture, "train", layout.global_batch, seed=t.seed, rank=dist.rank,
+                               world_size=dist.world_size, micro_batch_size=layout.micro_batch_size,
+                               max_epochs=cfg.data.mixture_max_epochs)
+    else:
+        loader = ShardLoader(data, "train", layout.global_batch, seed=t.seed, rank=dist.rank,
+                             world_size=dist.world_size, micro_batch_size=layout.micro_batch_size,
+                             num_workers=cfg.data.num_workers)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = count_total_steps(t, steps_per_epoch)
+    if cfg.data.mixture:
+        loader.check_caps(total_steps)
+    block = cfg.model.block_size
+
+    def tokens_by_source(step: int) -> dict:
+        return {"tokens_by_source": {name: n * block for name, n in loader.samples_by_source(step).items()}} \
+            if cfg.data.mixture else {}
     tokens_per_step = cfg.tokens_per_step()
     # validation reads the same sequences at every world size: eval_batches batches of the one-rank
     # micro-batch, in batches of this run's micro-batch (memory), or of the one-rank micro-batch itself
@@ -188,7 +203,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     with run_dir_lock(run_dir, dist, say):
         o = cfg.optim
         # what a resume must keep; the world size and the micro-batches may change (see data/shards.py)
-        fingerprints = {"data_fingerprint": data.fingerprint, "model": to_dict(cfg.model),
+        fingerprints = {"data_fingerprint": loader.fingerprint if cfg.data.mixture else data.fingerprint, "model": to_dict(cfg.model),
                         "engine": to_dict(cfg.engine), "global_batch": layout.global_batch,
                         # what the learning-rate schedule depends on: a resume must not change it
                         "total_steps": total_steps, "optim": {"lr": o.lr, "warmup_steps": o.warmup_steps,
@@ -271,7 +286,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                     metrics.log({"step": done, "loss": loss, "lr": step_result.lr,
                                  "grad_norm": step_result.grad_norm, "tokens_per_s": tps,
                                  "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
-                                 "tokens": done * tokens_per_step, "memory_mb": mem})
+                                 "tokens": done * tokens_per_step, "memory_mb": mem, **tokens_by_source(done)})
                     window_tokens, window_start = 0, time.perf_counter()
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -329,7 +344,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             "world_size": dist.world_size, "engine": cfg.engine.kind, "data": str(data.path),
             "model_state_bytes_per_rank": [int(b) for b in state_bytes],
             "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
-            "loss_curve": history,
+            "loss_curve": history, **tokens_by_source(total_steps),
         }
         if dist.is_main:
             write_summary(run_dir, summary)
