@@ -83,21 +83,31 @@ def test_sets_of_another_tokenizer_are_refused_and_caps_hold(prepared_small, pre
         loader.check_caps(1000)
 
 
-def test_a_mixture_run_logs_tokens_per_source_and_resumes_exactly(prepared_small, second_set, tmp_path):
+def test_a_mixture_run_logs_tokens_per_source_and_a_sigkilled_run_resumes_exactly(prepared_small, second_set,
+                                                                                  tmp_path):
+    from test_torture import kill_group, launch, wait_for
+
     from gam_pretrain.config import load_config
     from gam_pretrain.train.loop import train
 
     mix = json.dumps({str(prepared_small.path): 3, str(second_set.path): 1})
     base = ["model.vocab_size=512", "model.block_size=32", "model.d_model=32", "model.n_layers=2",
-            "model.memory_slots=16", "model.dropout=0", "optim.warmup_steps=2", "train.batch_size=8",
+            "model.memory_slots=16", "model.dropout=0.1", "optim.warmup_steps=2", "train.batch_size=8",
             "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=2", f"train.out_dir={tmp_path}",
-            "train.progress=false", "logging.wandb=disabled", f"data.mixture={mix}", "train.max_steps=8",
+            "train.progress=false", "logging.wandb=disabled", f"data.mixture={mix}", "train.max_steps=12",
             "checkpoint.interval_steps=4"]
     straight = train(load_config(None, [*base, "train.run_name=straight"]), log=lambda *a: None).summary
-    train(load_config(None, [*base, "train.run_name=cut", "train.stop_at_step=4"]), log=lambda *a: None)
-    resumed = train(load_config(None, [*base, "train.run_name=cut"]), log=lambda *a: None).summary
-    assert resumed["loss_curve"] == straight["loss_curve"]
     by_source = straight["tokens_by_source"]
-    assert sum(by_source.values()) == straight["tokens"] and by_source[str(prepared_small.path)] == 3 * by_source[str(second_set.path)]
+    assert sum(by_source.values()) == straight["tokens"]
+    assert by_source[str(prepared_small.path)] == 3 * by_source[str(second_set.path)]
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert any("tokens_by_source" in record for record in logged)
+    # SIGKILL once the step-4 checkpoint is complete, relaunch: the same losses as the straight run
+    args = ["train", *base, "train.run_name=victim"]
+    proc = launch(args, "single", tmp_path / "victim.log")
+    assert wait_for((tmp_path / "victim" / "checkpoints" / "step_00000004" / "COMPLETE").exists, proc)
+    kill_group(proc)
+    assert not (tmp_path / "victim" / "summary.json").exists()
+    assert launch(args, "single", tmp_path / "victim.log").wait(timeout=600) == 0, (tmp_path / "victim.log").read_text()[-3000:]
+    resumed = json.loads((tmp_path / "victim" / "summary.json").read_text())
+    assert resumed["loss_curve"] == straight["loss_curve"] and resumed["tokens_by_source"] == by_source
