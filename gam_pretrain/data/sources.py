@@ -88,6 +88,9 @@ def _text(value, where: str, field_: str) -> str:
     return value
 
 
+MIN_UNITS = 64
+
+
 def _cut_in_bytes(data: bytes, at: int) -> int:
     """The first position after a newline at or past `at` (len(data) when there is none)."""
     found = data.find(b"\n", max(at - 1, 0))
@@ -249,7 +252,8 @@ class Source:
 
     # ---- work units by bytes ------------------------------------------------------------------
     def byte_units(self, split: str, unit_bytes: int) -> list[list[list]]:
-        """The split cut into work units of about `unit_bytes` of text, for embedded and files sources.
+        """The split cut into work units of about `unit_bytes` of text (less for a corpus of fewer than
+        MIN_UNITS units), for embedded and files sources.
 
         A unit is a list of pieces [item, start, end]: bytes [start, end) of one item (a file's path,
         or an embedded document's index), end -1 for the rest of it. Small items are grouped; a large
@@ -258,6 +262,11 @@ class Source:
         (the tokenizer is given a document line by line: a cut there changes no token). Compressed
         (.gz) and parquet files cannot be cut without reading them whole: each is whole in a unit.
         """
+        items = list(self._unit_items(split))
+        # a corpus of less than 64 units' bytes is cut into 64 smaller units (1 MiB at least), so that
+        # the last units do not leave workers idle; the cut depends on the corpus alone, never on
+        # the number of workers
+        unit_bytes = max(min(unit_bytes, sum(size for _, size, _ in items) // MIN_UNITS), min(unit_bytes, 1 << 20))
         units: list[list[list]] = []
         current: list[list] = []
         filled = 0
@@ -268,7 +277,7 @@ class Source:
                 units.append(current)
             current, filled = [], 0
 
-        for item, size, cut_after_newline in self._unit_items(split):
+        for item, size, cut_after_newline in items:
             start = 0
             while size - start > unit_bytes - filled and cut_after_newline is not None:
                 cut = cut_after_newline(start + unit_bytes - filled)
