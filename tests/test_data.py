@@ -305,6 +305,10 @@ def test_units_by_bytes_cut_large_files_at_line_ends_and_change_no_token(tmp_pat
     book = [piece for unit in plan["pieces"]["train"] for piece in unit if piece[0].endswith("a-book.txt")]
     assert len(book) > 5 and all(piece[1] < piece[2] or piece[2] == -1 for piece in book)
     assert sum(r["tokens"] for r in many) == one[0]["tokens"]
+    # every unit's shards are in the manifest, those of units inside the book (which end no document) too
+    manifest = json.loads((tmp_path / "cut-1" / "manifest.json").read_text())["splits"]["train"]
+    assert manifest["units"] == len(many) and any(r["documents"] == 0 for r in many)
+    assert manifest["samples"] == sum(s["samples"] for r in many for s in r["shards"])
     assert sum(r["documents"] for r in many) == one[0]["documents"] == 1 + 300 + 30 + 1
     assert shard_hashes(tmp_path / "cut-1") == shard_hashes(tmp_path / "cut-2")
 

@@ -508,7 +508,7 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
                 raise PrepError(f"unit {unit} of split {split!r} is not done yet ({path.name} missing); "
                                 "run the units phase again (finished units are kept)")
             record = read_json(path)
-            if record["documents"] or unit == 0:
+            if record["documents"] or record["tokens"] or unit == 0:  # a unit inside a document ends none
                 records[split].append(record)
             if n is None and record["documents"] < documents_per_unit(cfg):
                 break
