@@ -289,12 +289,17 @@ def cmd_eval(args, overrides):
     from .data import ShardSet
     from .data.cache import check_fits
     from .eval.perplexity import evaluate
+    from .data.remote import is_remote
     from .export import load_export
 
     if args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     model, config, _ = load_export(args.export)
-    data = ShardSet(args.data or config.get("data_path") or "")
+    recorded = config.get("data_path") or ""
+    if not args.data and is_remote(str(recorded)):  # an export is shared: a command in it must not run
+        raise ValueError(f"{args.export}: its data_path is a URL or command ({str(recorded)[:80]}); "
+                         "pass the data with --data")
+    data = ShardSet(args.data or recorded)
     check_fits(data, model.cfg.vocab_size, model.cfg.block_size)
     result = evaluate(model, data, args.split, args.batch_size, "cpu", contextlib.nullcontext)
     print(json.dumps(result))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import ShardSet
+from .data.remote import is_remote
 from .files import first_line, read_json, sha256_file, write_atomic
 from .models import ModelConfig, build_model
 from .train.checkpoint import CheckpointError, latest_checkpoint, load_torch_file, verify_checkpoint
@@ -103,7 +104,9 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
         partial.unlink(missing_ok=True)
     sha256 = {WEIGHTS: sha256_file(out / WEIGHTS)}
     (out / TOKENIZER).unlink(missing_ok=True)  # never leave an earlier export's tokenizer beside these weights
-    if state.get("data_path") and (Path(state["data_path"]) / "manifest.json").is_file():
+    recorded = str(state.get("data_path") or "")
+    if recorded.startswith(("http://", "https://")) or (recorded and not is_remote(recorded)
+                                                        and (Path(recorded) / "manifest.json").is_file()):
         data = ShardSet(state["data_path"])
         write_atomic(out / TOKENIZER, data.tokenizer_bytes())  # checked against the data's manifest
         sha256[TOKENIZER] = sha256_file(out / TOKENIZER)

@@ -189,6 +189,16 @@ def garbled_export_config(w, tmp):
     return {"export": export, "file": export / "config.json"}
 
 
+def export_with_command_as_data(w, tmp):
+    """A shared export whose config.json names a pipe: command as its data: never run without --data."""
+    export = tmp / "export"
+    shutil.copytree(w.export, export)
+    config = json.loads((export / "config.json").read_text())
+    config["data_path"] = f"pipe:touch {tmp}/ran; cat {w.data}/{{file}}"
+    (export / "config.json").write_text(json.dumps(config))
+    return {"export": export, "file": export}
+
+
 def write(name: str, text: str):
     def setup(w, tmp):
         path = tmp / name
@@ -338,6 +348,8 @@ CASES = [
     C("eval batch size 0", lambda w: ["eval", str(w.export), "--batch-size", "0"], 2, "--batch-size"),
     C("eval unknown split", lambda w: ["eval", str(w.export), "--split", "test"], 1, "test"),
     C("eval garbled export config", ["eval", "{export}"], 1, "{file}", garbled_export_config),
+    C("eval export naming a command as data", ["eval", "{export}"], 1, "pass the data with --data",
+      export_with_command_as_data),
     C("generate negative top-k", lambda w: ["generate", str(w.export), "--top-k", "-3"], 1, "--top-k"),
     C("generate negative new tokens", lambda w: ["generate", str(w.export), "--max-new-tokens", "-1"], 2,
       "--max-new-tokens"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import small_prep_config
-from gam_pretrain.data import PrepError, ShardLoader, ShardSet, Source, SourceError, SourceSpec, run_prep, verify
+from gam_pretrain.data import PrepConfig, PrepError, ShardLoader, ShardSet, Source, SourceError, SourceSpec, run_prep, verify
 from gam_pretrain.data.shards import _EpochOrder, validation_batches
 
 QUIET = dict(log=lambda *a: None, progress=False)
@@ -887,6 +887,9 @@ def test_prep_identity_leaves_out_the_new_fields_at_their_old_values(tmp_path):
         assert identity == old_identity(recipe), name
         paper = prep_identity(dataclasses.replace(recipe, packing="paper", tokenizer_splits=["train", "validation"]))
         assert (paper["packing"], paper["tokenizer_splits"]) == ("paper", ["train", "validation"])
+    # a prep of Hugging Face rows at the default (units of 1000 documents, as before units by bytes)
+    hub = prep_identity(PrepConfig(source=SourceSpec(kind="hf", path="roneneldan/TinyStories")))
+    assert hub["documents_per_unit"] == 1000 and "unit_bytes" not in hub
     # the cache folder the code before this change gave the embedded recipe at vocab 512, block 32
     data_cfg = DataConfig(recipe="embedded", cache_dir=str(tmp_path))
     assert recipe_prep(data_cfg, tiny_model_config(vocab_size=512, block_size=32))[1].name == "embedded-8e42498ca5d2"

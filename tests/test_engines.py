@@ -318,3 +318,15 @@ def test_zero3_resumes_at_three_ranks_whose_partitions_are_padded(prepared_tiny,
     assert got["loss_curve"][ELASTIC_N] == pytest.approx(want["loss_curve"][ELASTIC_N], rel=1e-5)
     np.testing.assert_allclose(got["loss_curve"], want["loss_curve"], rtol=1e-4)
     assert sample_ids(tmp_path / "w3") == {s: ids for s, ids in sample_ids(tmp_path / "w2").items() if s > ELASTIC_N}
+
+
+@pytest.mark.skipif("zero3" not in ENGINES, reason="needs DeepSpeed")
+def test_zero3_with_activation_checkpointing_trains_as_without(prepared_small, tmp_path):
+    """Backward recomputes a checkpointed block's forward: it must save what the forward saved
+    (DeepSpeed's linear, swapped in around forward and backward alike)."""
+    runs = {"runs": [{"name": name, "overrides": overrides(prepared_small, tmp_path, "zero3", "gam", name, steps=3,
+                                                           extra=[*UNREACHED_CLIP, "model.dropout=0", *extra])}
+                     for name, extra in (("plain", []), ("ac", ["engine.activation_checkpointing=true"]))],
+            "out": str(tmp_path / "ac.json")}
+    got = run_to_end(runs, tmp_path, "ac")
+    np.testing.assert_allclose(got["ac"]["loss_curve"], got["plain"]["loss_curve"], rtol=0, atol=1e-6)

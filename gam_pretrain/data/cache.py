@@ -103,12 +103,25 @@ def check_data_available(data_cfg, model_cfg) -> None:
             f"to prep in this process, or data.dir to a prepared folder)")
 
 
+def open_mixture_sources(data_cfg) -> dict[str, ShardSet]:
+    """data.mixture's shard sets, each checked as data.dir is (prepped as the run's data.* ask)."""
+    from .mixture import check_compatible
+
+    sources = {}
+    for location in data_cfg.mixture:
+        sources[location] = ShardSet(location)
+        check_prepped_as_asked(sources[location], data_cfg)
+    check_compatible(sources)
+    return sources
+
+
 def open_training_data(data_cfg, model_cfg, log=print) -> ShardSet:
     """data.dir, or the recipe's prep in data.cache_dir. A missing prep runs here only with
     data.prep_if_missing (the quickstart sets it): a cluster job never starts an hours-long prep
     on rank 0 by surprise."""
     if data_cfg.mixture:  # the first source stands for the mixture here (they share tokenizer and block size)
-        data = ShardSet(next(iter(data_cfg.mixture)))
+        sources = open_mixture_sources(data_cfg)
+        data = sources[next(iter(sources))]
     elif data_cfg.dir:
         data = ShardSet(data_cfg.dir)
         check_prepped_as_asked(data, data_cfg)

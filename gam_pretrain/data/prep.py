@@ -171,13 +171,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 # ---- one work unit ------------------------------------------------------------------------------
-def _encode(tokenizer, doc: str) -> list[int]:
-    ids: list[int] = []
+ENCODE_LINES = 4096  # lines encoded at once: a worker's memory follows this, not a document's size
+
+
+def _encode(tokenizer, doc: str, dtype) -> np.ndarray:
     # encode_batch_fast (tokenizers >= 0.20): the same ids, without the character offsets
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    for enc in encode(doc.splitlines(keepends=True), add_special_tokens=False):
-        ids.extend(enc.ids)
-    return ids
+    lines, parts = doc.splitlines(keepends=True), []
+    for first in range(0, len(lines), ENCODE_LINES):
+        ids: list[int] = []
+        for enc in encode(lines[first:first + ENCODE_LINES], add_special_tokens=False):
+            ids.extend(enc.ids)
+        parts.append(np.asarray(ids, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,12 +191,15 @@ def _cached_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _finished_record(record_path: Path, out_dir: Path) -> dict | None:
-    """A unit's record when the unit is complete (record readable, every shard there at its size)."""
+def _finished_record(record_path: Path, out_dir: Path, pieces: str | None) -> dict | None:
+    """A unit's record when the unit is complete (record readable, of the bytes the plan now gives
+    the unit, every shard there at its size)."""
     try:
         record = read_json(record_path)
         if record.get("format_version") != FORMAT_VERSION:
             return None  # written by an older gam-pretrain: its shards are written again in this format
+        if record.get("pieces_sha256") != pieces:
+            return None  # planned again over changed files: the unit's bytes are others now
         complete = all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
                        for s in record["shards"])
     except (PrepError, KeyError, TypeError):
@@ -201,7 +210,9 @@ def _finished_record(record_path: Path, out_dir: Path) -> dict | None:
 def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     """Tokenize, pack and write one unit; returns its record. Skips a unit already complete."""
     record_path = out_dir / UNIT_DIR / f"{split}-{unit:05d}.json"
-    if record_path.is_file() and (record := _finished_record(record_path, out_dir)) is not None:
+    pieces = unit_pieces(cfg, out_dir, split, unit)
+    pieces_sha256 = hashlib.sha256(json.dumps(pieces).encode()).hexdigest() if pieces is not None else None
+    if record_path.is_file() and (record := _finished_record(record_path, out_dir, pieces_sha256)) is not None:
         return record
     tokenizer = _cached_tokenizer(str(out_dir / "tokenizer.json"))
     paper = cfg.packing == "paper"
@@ -215,8 +226,10 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
         documents += ends_document
         replaced += doc.count("\ufffd")
         # paper: each row encoded whole, as its code does (line splitting breaks at \x1c-\x1e too)
-        ids = tokenizer.encode(doc, add_special_tokens=False).ids if paper else _encode(tokenizer, doc)
-        arrays.append(np.asarray(ids + [eos] if ends_document and not paper else ids, dtype=dtype))
+        arrays.append(np.asarray(tokenizer.encode(doc, add_special_tokens=False).ids, dtype=dtype) if paper
+                      else _encode(tokenizer, doc, dtype))
+        if ends_document and not paper:
+            arrays.append(np.array([eos], dtype=dtype))
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
     del arrays
     block = cfg.block_size
@@ -238,7 +251,8 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
         _write_atomic(out_dir / name, data)
         shards.append({"path": name, "samples": last - first, "tokens": (last - first) * (block + 1),
                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    record = {"format_version": FORMAT_VERSION, "split": split, "unit": unit, "documents": documents, "tokens": int(len(tokens)),
+    record = {"format_version": FORMAT_VERSION, "pieces_sha256": pieces_sha256, "split": split, "unit": unit,
+              "documents": documents, "tokens": int(len(tokens)),
               "replaced_characters": replaced, "shards": shards}
     _write_atomic(record_path, json.dumps(record, indent=1).encode())
     return record
@@ -259,6 +273,14 @@ def _planned_pieces(plan_path: str, mtime_ns: int) -> dict:
     return read_json(Path(plan_path)).get("pieces", {})
 
 
+def unit_pieces(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> list | None:
+    """The unit's byte ranges from plan.json (units by bytes), else None."""
+    if not units_by_bytes(cfg, split):
+        return None
+    plan = out_dir / "plan.json"
+    return _planned_pieces(str(plan), plan.stat().st_mtime_ns)[split][unit]
+
+
 def unit_documents(cfg: PrepConfig, out_dir: Path, split: str, unit: int):
     """A unit's text as (text, ends a document) pairs: its pieces from plan.json (units by bytes),
     or its documents (units of documents; packing: paper, the whole split)."""
@@ -266,8 +288,7 @@ def unit_documents(cfg: PrepConfig, out_dir: Path, split: str, unit: int):
     if cfg.packing == "paper":
         return ((doc, True) for doc in source.documents(split))
     if units_by_bytes(cfg, split):
-        plan = out_dir / "plan.json"
-        pieces = _planned_pieces(str(plan), plan.stat().st_mtime_ns)[split][unit]
+        pieces = unit_pieces(cfg, out_dir, split, unit)
         return (part for piece in pieces for part in source.piece_documents(split, piece))
     n = documents_per_unit(cfg)
     return ((doc, True) for doc in source.documents(split, unit * n, (unit + 1) * n))
@@ -333,7 +354,8 @@ def count_units(cfg: PrepConfig, source: Source, log=print) -> tuple[dict[str, i
     for split in cfg.splits:
         if units_by_bytes(cfg, split):
             pieces[split] = source.byte_units(split, cfg.unit_bytes)
-            if _split_is_empty(source, split):
+            # the first piece is read (and parsed) now: a bad file there stops the plan before it writes
+            if not pieces[split] or next(iter(source.piece_documents(split, pieces[split][0][0])), None) is None:
                 raise PrepError(f"split {split!r} of the corpus is empty")
             units[split] = len(pieces[split])
             log(f"{split}: {units[split]} units of about {cfg.unit_bytes:,} bytes")
@@ -395,8 +417,7 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
         limit = cfg.tokenizer_train_documents or None
         splits = tokenizer_splits(cfg)
         log(f"training {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}) on split(s) {', '.join(splits)} ...")
-        texts = itertools.chain.from_iterable(
-            source.documents(split, 0, limit if split == "train" else None) for split in splits)
+        texts = itertools.chain.from_iterable(_tokenizer_texts(cfg, source, split, limit) for split in splits)
         if cfg.tokenizer_train_bytes:
             texts = _first_bytes(texts, cfg.tokenizer_train_bytes)
         tokenizer = train_bpe(texts, cfg.vocab_size, cfg.tokenizer)
@@ -405,6 +426,15 @@ def prepare_tokenizer(cfg: PrepConfig, out_dir: Path, source: Source, log=print)
     else:
         tokenizer = load_tokenizer(Path(cfg.tokenizer))  # checked by check_tokenizer_file
     _write_atomic(target, tokenizer.to_str().encode())
+
+
+def _tokenizer_texts(cfg: PrepConfig, source: Source, split: str, limit: int | None):
+    """What a trained tokenizer reads of a split: its documents, or, for a split cut by bytes, its
+    units' pieces (a document larger than memory is then never read whole)."""
+    if units_by_bytes(cfg, split) and not (limit and split == "train"):
+        return (text for unit in source.byte_units(split, cfg.unit_bytes) for piece in unit
+                for text, _ in source.piece_documents(split, piece))
+    return source.documents(split, 0, limit if split == "train" else None)
 
 
 def _first_bytes(texts, limit: int):
@@ -423,8 +453,10 @@ def prep_identity(cfg: PrepConfig) -> dict:
     """The prep's identity: its config, less fields added later that hold the value older preps had
     (and the source's, see spec_identity)."""
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in _ADDED_SINCE and v == _ADDED_SINCE[k])}
-    if cfg.documents_per_unit:
-        del identity["unit_bytes"]  # units of documents (every prep before units by bytes): no bytes in them
+    if not any(units_by_bytes(cfg, split) for split in cfg.splits):
+        # units of documents (every prep before units by bytes): the count they use, no bytes
+        identity["documents_per_unit"] = documents_per_unit(cfg)
+        del identity["unit_bytes"]
     identity["source"] = spec_identity(cfg.source)
     return identity
 
@@ -508,6 +540,9 @@ def finalize_prep(out_dir: str | Path, log=print) -> dict:
                 raise PrepError(f"unit {unit} of split {split!r} is not done yet ({path.name} missing); "
                                 "run the units phase again (finished units are kept)")
             record = read_json(path)
+            if record.get("format_version") != FORMAT_VERSION:
+                raise PrepError(f"unit {unit} of split {split!r} ({path.name}) was written by an older gam-pretrain; "
+                                "run the units phase again (it writes such units anew)")
             if record["documents"] or record["tokens"] or unit == 0:  # a unit inside a document ends none
                 records[split].append(record)
             if n is None and record["documents"] < documents_per_unit(cfg):
@@ -688,6 +723,10 @@ def read_manifest(out_dir: str | Path) -> dict:
                 and PLAIN_NAME.fullmatch(shard["path"]) for shard in shards):
             raise PrepError(f"{path}: split {split!r} is garbled (each shard needs a plain file name, samples, tokens "
                             "and sha256); prep again")
+    try:
+        np.dtype(manifest["dtype"])
+    except TypeError:
+        raise PrepError(f"{path}: dtype {manifest['dtype']!r} is not a NumPy dtype; prep again") from None
     if not PLAIN_NAME.fullmatch(str(tokenizer["file"])):
         raise PrepError(f"{path}: tokenizer.file {tokenizer['file']!r} is not a plain file name; prep again")
     return manifest

@@ -22,7 +22,7 @@ import torch.distributed as tdist
 from ..accel import apply_accel
 from ..config import RunConfig, batch_layout, dump_yaml, to_dict, validate
 from ..data import ShardLoader, ShardSet
-from ..data.cache import check_data_available, open_training_data
+from ..data.cache import check_data_available, open_mixture_sources, open_training_data
 from ..data.mixture import MixtureLoader
 from ..eval.perplexity import evaluate
 from ..models import build_model
@@ -175,7 +175,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     t = cfg.train
     layout = batch_layout(t, dist.world_size)
     if cfg.data.mixture:
-        sources = {name: data if i == 0 else ShardSet(name) for i, name in enumerate(cfg.data.mixture)}
+        # rank 0 opened and checked each source with the data; here every rank opens them (an error
+        # on rank 0 stops every rank)
+        sources = decided_on_main(lambda: open_mixture_sources(cfg.data), dist)
         loader = MixtureLoader(sources, cfg.data.mixture, "train", layout.global_batch, seed=t.seed, rank=dist.rank,
                                world_size=dist.world_size, micro_batch_size=layout.micro_batch_size,
                                max_epochs=cfg.data.mixture_max_epochs)

@@ -234,9 +234,10 @@ class DeepSpeedEngine(Engine):
         yield
 
     def forward_backward(self, inputs, targets, loss_scale):
+        # through backward too: activation checkpointing recomputes a block's forward there
         with self.linears_save_parameters():
             _, loss = self.model(inputs, targets, return_logits=False)
-        self.model.backward(loss)  # scaled by DeepSpeed (see train_step), not by loss_scale
+            self.model.backward(loss)  # scaled by DeepSpeed (see train_step), not by loss_scale
         self.model.step()  # clips and steps on the boundary micro-batch only
         return loss.detach().float()
 
@@ -249,7 +250,7 @@ class DeepSpeedEngine(Engine):
         rank ends the forward holding the full model (+0.75 GiB per rank at GAM 187M on 2 ranks,
         +2.4 GiB at 601M). DeepSpeed's `memory_efficient_linear` fixes this by replacing
         `torch.nn.functional.linear` for the rest of the process (and every model in it); here the
-        same autograd function is swapped in for our forward only.
+        same autograd function is swapped in for our forward and backward only.
         """
         if self.config["zero_optimization"]["stage"] != 3:
             yield
