@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-mb", type=int, nargs="*", default=[10, 100, 1000])
     parser.add_argument("--loader", action="store_true", help="also the loader vs training consumption")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory curve (no throughput rounds)")
     parser.add_argument("--out", default="results/bench_data_cpu.json")
     parser.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
@@ -236,7 +237,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         tokenizer = train_tokenizer(work, SOURCES)
-        corpus = build_corpus(work / "corpus", args.corpus_mb, base)
+        corpus = build_corpus(work / "corpus", args.corpus_mb if not args.memory_only else 1, base)
         commands = {
             "ours_1_worker": dict(kind="ours", workers=1),
             "ours_2_workers": dict(kind="ours", workers=2),
@@ -244,18 +245,18 @@ def main() -> None:
             "baseline_num_proc_1_one_thread": dict(kind="baseline", env={"TOKENIZERS_PARALLELISM": "false"}),
         }
         samples = {shape: {name: [] for name in commands} for shape in ("many", "few")}
-        for r in range(args.rounds):
+        for r in range(0 if args.memory_only else args.rounds):
             for shape in ("many", "few"):
                 for name in (list(commands) if r % 2 == 0 else list(reversed(commands))):
                     got = run_child(files=corpus["globs"][shape], tokenizer=tokenizer, work=work / "run", **commands[name])
                     samples[shape][name].append(got)
                     print(f"round {r} {shape:4s} {name:32s} {got['tokens_per_s']:12,.0f} tokens/s  "
                           f"peak {got['peak_rss_per_process'] / 2**20:6.0f} MiB  [{got['seconds']:.1f} s]", flush=True)
-        throughput = {shape: {name: {key: statistics.median(s[key] for s in runs)
+        throughput = {} if args.memory_only else {shape: {name: {key: statistics.median(s[key] for s in runs)
                                      for key in ("tokens_per_s", "seconds", "tokens", "peak_rss_per_process")}
                               | {"rounds": runs} for name, runs in by_name.items()}
                       for shape, by_name in samples.items()}
-        ratios = {shape: {
+        ratios = {} if args.memory_only else {shape: {
             "ours_1_vs_baseline": t["ours_1_worker"]["tokens_per_s"] / t["baseline_num_proc_1"]["tokens_per_s"],
             "ours_1_vs_baseline_one_thread": (t["ours_1_worker"]["tokens_per_s"]
                                               / t["baseline_num_proc_1_one_thread"]["tokens_per_s"]),
@@ -287,7 +288,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
+    if not args.memory_only:
+        plot(result, out.with_suffix(".png"))
     print(json.dumps({"ratios": ratios, "memory_max_over_min": result["memory_max_over_min"]}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
