@@ -313,6 +313,36 @@ def test_units_by_bytes_cut_large_files_at_line_ends_and_change_no_token(tmp_pat
     assert shard_hashes(tmp_path / "cut-1") == shard_hashes(tmp_path / "cut-2")
 
 
+def test_a_unit_streams_through_a_worker_in_parts_and_shards_and_writes_the_same_bytes(tmp_path, tokenizer_file,
+                                                                                       monkeypatch):
+    """A worker reads a one-document text in parts of PART_LINES lines and writes each shard as soon
+    as its samples are there: the shards equal those of one whole read, and the tokens held at once
+    never exceed one shard's and one encoded part's."""
+    from gam_pretrain.data import prep, sources
+
+    spec = mixed_corpus(tmp_path / "corpus")
+    cfg = small_prep_config(source=spec, tokenizer=tokenizer_file, block_size=16, documents_per_unit=0,
+                            unit_bytes=1 << 30, samples_per_shard=7)
+    monkeypatch.setattr(sources, "PART_LINES", 1 << 30)
+    run_prep(cfg, tmp_path / "whole", **QUIET)
+    held, parts, added = [], [], []
+    monkeypatch.setattr(sources, "PART_LINES", 5)
+    line_parts, add = sources._line_parts, prep._ShardWriter.add
+    monkeypatch.setattr(sources, "_line_parts", lambda f, n: (parts.append(p) or p for p in line_parts(f, n)))
+
+    def watched_add(self, tokens):
+        added.append(len(tokens))
+        add(self, tokens)
+        held.append(self.held)
+
+    monkeypatch.setattr(prep._ShardWriter, "add", watched_add)
+    run_prep(cfg, tmp_path / "parts", **QUIET)
+    assert len(parts) > 100  # the 600-line book came in parts
+    assert len(shard_hashes(tmp_path / "parts")) > 20
+    assert shard_hashes(tmp_path / "parts") == shard_hashes(tmp_path / "whole")
+    assert max(held) <= 7 * 16 + max(added)
+
+
 def test_tokenizer_train_bytes_learns_from_the_first_bytes_only(tmp_path):
     text = " ".join(STORIES * 20)
     (tmp_path / "train.txt").write_text(text)

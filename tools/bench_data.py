@@ -273,6 +273,7 @@ def main() -> None:
                   f"[{got['seconds']:.1f} s]", flush=True)
             shutil.rmtree(work / f"memory-{megabytes}")
         peaks = [m["peak_rss_per_process"] for m in memory.values()]
+        worker_peaks = [m["peak_rss_workers"] for m in memory.values()]
         result = {"benchmark": "bench_data", "command": "python " + " ".join(sys.argv),
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -280,7 +281,8 @@ def main() -> None:
                              "note": "the base text repeated to reach the size"},
                   "block_size": BLOCK, "tokenizer": "bpe-whitespace, 10,000 tokens, trained on the base once",
                   "throughput": throughput, "ratios": ratios, "memory": memory,
-                  "memory_max_over_min": max(peaks) / min(peaks) if peaks else None}
+                  "memory_max_over_min": max(peaks) / min(peaks) if peaks else None,
+                  "memory_workers_max_over_min": max(worker_peaks) / min(worker_peaks) if worker_peaks else None}
         if args.loader:
             measure_loader(args, result)
     finally:
@@ -290,7 +292,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.memory_only:
         plot(result, out.with_suffix(".png"))
-    print(json.dumps({"ratios": ratios, "memory_max_over_min": result["memory_max_over_min"]}, indent=1))
+    print(json.dumps({key: result[key] for key in ("ratios", "memory_max_over_min", "memory_workers_max_over_min")}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -52,7 +52,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -174,16 +174,60 @@ def npy_bytes(array: np.ndarray) -> bytes:
 ENCODE_LINES = 4096  # lines encoded at once: a worker's memory follows this, not a document's size
 
 
-def _encode(tokenizer, doc: str, dtype) -> np.ndarray:
+def _encode(tokenizer, doc: str, dtype) -> Iterator[np.ndarray]:
     # encode_batch_fast (tokenizers >= 0.20): the same ids, without the character offsets
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    lines, parts = doc.splitlines(keepends=True), []
+    lines = doc.splitlines(keepends=True)
     for first in range(0, len(lines), ENCODE_LINES):
         ids: list[int] = []
         for enc in encode(lines[first:first + ENCODE_LINES], add_special_tokens=False):
             ids.extend(enc.ids)
-        parts.append(np.asarray(ids, dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+        yield np.asarray(ids, dtype=dtype)
+
+
+class _ShardWriter:
+    """Packs a unit's token stream into samples and writes each shard once its samples are there,
+    so a worker holds one shard's tokens, not the unit's.
+
+    Sample i is tokens[i * stride : i * stride + block + 1]: windows that overlap by one token
+    (stride = block), or the paper's disjoint chunks (stride = block + 1, one shard per split)."""
+
+    def __init__(self, out_dir: Path, split: str, unit: int, block: int, stride: int, per_shard: int | None, dtype):
+        self.out_dir, self.split, self.unit = out_dir, split, unit
+        self.block, self.stride, self.per_shard, self.dtype = block, stride, per_shard, dtype
+        self.pending: list[np.ndarray] = []
+        self.held = self.tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.held += len(tokens)
+        self.tokens += len(tokens)
+        overlap = self.block + 1 - self.stride
+        while self.per_shard and self.held >= self.per_shard * self.stride + overlap:
+            held = np.concatenate(self.pending)
+            self._write(held, self.per_shard)
+            rest = held[self.per_shard * self.stride:].copy()  # a copy: the written shard's tokens are freed
+            self.pending, self.held = [rest], len(rest)
+
+    def finish(self) -> list[dict]:
+        held = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        n = max(0, (len(held) - (self.block + 1 - self.stride)) // self.stride)
+        if n:
+            self._write(held, n)
+        self.pending, self.held = [], 0
+        return self.shards
+
+    def _write(self, tokens: np.ndarray, n: int) -> None:
+        rows = np.lib.stride_tricks.sliding_window_view(tokens, self.block + 1)[::self.stride][:n]
+        per_member = max(1, MEMBER_BYTES // (self.dtype.itemsize * (self.block + 1)))
+        k = len(self.shards)
+        stem = f"{self.split}-{self.unit:05d}-{k:03d}"
+        data = tar_bytes([(f"{stem}-{j:03d}.{SAMPLE_FIELD}", npy_bytes(rows[first:first + per_member]))
+                          for j, first in enumerate(range(0, n, per_member))])
+        _write_atomic(self.out_dir / f"{stem}.tar", data)
+        self.shards.append({"path": f"{stem}.tar", "samples": n, "tokens": n * (self.block + 1),
+                            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
 
 
 @functools.lru_cache(maxsize=2)
@@ -220,39 +264,23 @@ def process_unit(cfg: PrepConfig, out_dir: Path, split: str, unit: int) -> dict:
     if eos is None and not paper:
         raise PrepError(f"the tokenizer has none of {EOS_CANDIDATES}; documents are separated by one, add it")
     dtype = np.dtype(tokenizer_dtype(tokenizer.get_vocab_size()))
-    arrays: list[np.ndarray] = []
+    block = cfg.block_size
+    writer = _ShardWriter(out_dir, split, unit, block, block + 1 if paper else block,
+                          None if paper else cfg.samples_per_shard, dtype)
     documents = replaced = 0
     for doc, ends_document in unit_documents(cfg, out_dir, split, unit):
         documents += ends_document
         replaced += doc.count("\ufffd")
-        # paper: each row encoded whole, as its code does (line splitting breaks at \x1c-\x1e too)
-        arrays.append(np.asarray(tokenizer.encode(doc, add_special_tokens=False).ids, dtype=dtype) if paper
-                      else _encode(tokenizer, doc, dtype))
-        if ends_document and not paper:
-            arrays.append(np.array([eos], dtype=dtype))
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
-    del arrays
-    block = cfg.block_size
-    # separators: window i starts at i * block (overlapping by one); paper: chunk i at i * (block + 1)
-    stride = block + 1 if paper else block
-    n_samples = max(0, (len(tokens) - 1) // block) if not paper else len(tokens) // stride
-    per_shard = max(n_samples, 1) if paper else cfg.samples_per_shard
-    # row i = tokens[i * stride : i * stride + block + 1], as views of the one token array
-    rows = np.lib.stride_tricks.sliding_window_view(tokens, block + 1)[::stride][:n_samples] if n_samples \
-        else np.zeros((0, block + 1), dtype)
-    rows_per_member = max(1, MEMBER_BYTES // (dtype.itemsize * (block + 1)))
-    shards = []
-    for k, first in enumerate(range(0, n_samples, per_shard)):
-        last = min(first + per_shard, n_samples)
-        members = [(f"{split}-{unit:05d}-{k:03d}-{j:03d}.{SAMPLE_FIELD}", npy_bytes(rows[start:min(start + rows_per_member, last)]))
-                   for j, start in enumerate(range(first, last, rows_per_member))]
-        name = f"{split}-{unit:05d}-{k:03d}.tar"
-        data = tar_bytes(members)
-        _write_atomic(out_dir / name, data)
-        shards.append({"path": name, "samples": last - first, "tokens": (last - first) * (block + 1),
-                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        if paper:  # each row encoded whole, as its code does (line splitting breaks at \x1c-\x1e too)
+            writer.add(np.asarray(tokenizer.encode(doc, add_special_tokens=False).ids, dtype=dtype))
+        else:
+            for tokens in _encode(tokenizer, doc, dtype):
+                writer.add(tokens)
+            if ends_document:
+                writer.add(np.array([eos], dtype=dtype))
+    shards = writer.finish()
     record = {"format_version": FORMAT_VERSION, "pieces_sha256": pieces_sha256, "split": split, "unit": unit,
-              "documents": documents, "tokens": int(len(tokens)),
+              "documents": documents, "tokens": writer.tokens,
               "replaced_characters": replaced, "shards": shards}
     _write_atomic(record_path, json.dumps(record, indent=1).encode())
     return record
@@ -433,7 +461,7 @@ def _tokenizer_texts(cfg: PrepConfig, source: Source, split: str, limit: int | N
     units' pieces (a document larger than memory is then never read whole)."""
     if units_by_bytes(cfg, split) and not (limit and split == "train"):
         return (text for unit in source.byte_units(split, cfg.unit_bytes) for piece in unit
-                for text, _ in source.piece_documents(split, piece))
+                for text, _ in source.piece_documents(split, piece, whole=True))
     return source.documents(split, 0, limit if split == "train" else None)
 
 

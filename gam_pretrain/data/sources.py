@@ -107,6 +107,43 @@ def _cut_in_file(path: Path, at: int) -> int:
         raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+PART_LINES = 4096  # lines of a one-document text read at once
+
+
+def _line_parts(f, lines: int | None) -> Iterator[tuple[str, bool]]:
+    """A text stream in parts of `lines` lines (None: whole), each with True when it is the last;
+    an empty stream is one empty part (the empty document it is)."""
+    if lines is None:
+        yield f.read(), True
+        return
+    part = "".join(islice(f, lines))
+    while True:
+        following = "".join(islice(f, lines))
+        yield part, not following
+        if not following:
+            return
+        part = following
+
+
+class _ByteRange(io.RawIOBase):
+    """Bytes [position, position + length) of an open binary file (length -1: to its end)."""
+
+    def __init__(self, f, length: int):
+        self.f, self.left = f, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)
+        if self.left >= 0:
+            view = view[:self.left]
+        n = self.f.readinto(view) if len(view) else 0
+        if self.left >= 0:
+            self.left -= n
+        return n
+
+
 class Source:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -311,29 +348,36 @@ class Source:
                 raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
             yield str(path), size, None if whole else functools.partial(_cut_in_file, path)
 
-    def piece_documents(self, split: str, piece: list) -> Iterator[tuple[str, bool]]:
-        """The text of one piece of a unit as (text, ends a document) pairs, in order."""
+    def piece_documents(self, split: str, piece: list, whole: bool = False) -> Iterator[tuple[str, bool]]:
+        """The text of one piece of a unit as (text, ends a document) pairs, in order. Read as a
+        stream: a one-document text comes in parts of PART_LINES lines (cut after a newline: prep
+        encodes text line by line, so the cut changes no token), so a worker holds one part, never
+        a whole piece or file; `whole`: the piece's text at once (what tokenizer training reads)."""
         item, start, end = piece
         if self.spec.kind == "embedded":
             data = _embedded_documents(split)[item].encode()
             yield data[start:None if end < 0 else end].decode(), end < 0
             return
         path = Path(item)
-        if start == 0 and end < 0:
+        if path.name.endswith(".parquet"):
             for doc in self._file_documents(path):
                 yield doc, True
             return
         try:
-            with open(path, "rb") as f:
+            with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
                 f.seek(start)
-                data = f.read(-1 if end < 0 else end - start)
-        except OSError as e:
-            raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
-        # decoded as a whole file is (universal newlines, replacement characters)
-        text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")
-        one_document = not path.name.endswith((".jsonl", ".json")) and self.spec.txt_documents == "file"
-        for doc in self._text_documents(text, path, f" (from byte {start}), line"):
-            yield doc, end < 0 or not one_document
+                # decoded as the whole file is (universal newlines, replacement characters)
+                text = io.TextIOWrapper(io.BufferedReader(_ByteRange(f, end - start if end >= 0 else -1)),
+                                        encoding="utf-8", errors="replace")
+                where = f" (from byte {start}), line" if start or end >= 0 else ""
+                if path.name.removesuffix(".gz").endswith((".jsonl", ".json")) or self.spec.txt_documents == "lines":
+                    for doc in self._text_documents(text, path, where):
+                        yield doc, True
+                    return
+                for part, last in _line_parts(text, None if whole else PART_LINES):
+                    yield part, last and end < 0
+        except (OSError, EOFError) as e:
+            raise SourceError(f"cannot read {path}: {e}") from None
 
     # ---- sizes and identity ----------------------------------------------------------------
     def num_documents(self, split: str) -> int | None:
