@@ -245,6 +245,17 @@ def test_local_files_txt_jsonl_parquet(tmp_path):
     assert list(js.documents("train", 1)) == ["third"]
     pqs = Source(SourceSpec(kind="files", splits={"train": str(tmp_path / "*.parquet")}, text_field="body"))
     assert list(pqs.documents("train")) == ["fourth", "fifth"]
+    # read as a unit's pieces (prep's units by bytes), compressed ones too: the same documents
+    import gzip
+
+    for name in ("a.txt", "b.jsonl"):
+        (tmp_path / f"z-{name}.gz").write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+    for pattern, field in (("*.txt", "text"), ("*.jsonl", "text"), ("*.parquet", "body"), ("z-*.txt.gz", "text"),
+                           ("z-*.jsonl.gz", "text")):
+        source = Source(SourceSpec(kind="files", splits={"train": str(tmp_path / pattern)}, text_field=field))
+        pieces = [piece for unit in source.byte_units("train", 1 << 20) for piece in unit]
+        assert [doc for piece in pieces for doc, _ in source.piece_documents("train", piece)] == \
+            list(source.documents("train")), pattern
 
 
 def test_hf_datasets_path_offline_local_files_and_directory(tmp_path):
@@ -316,31 +327,36 @@ def test_units_by_bytes_cut_large_files_at_line_ends_and_change_no_token(tmp_pat
 def test_a_unit_streams_through_a_worker_in_parts_and_shards_and_writes_the_same_bytes(tmp_path, tokenizer_file,
                                                                                        monkeypatch):
     """A worker reads a one-document text in parts of PART_LINES lines and writes each shard as soon
-    as its samples are there: the shards equal those of one whole read, and the tokens held at once
-    never exceed one shard's and one encoded part's."""
+    as its samples are there: the shards equal those of one whole read, the samples across shards
+    of 7 equal those of one shard per unit, and no part's tokens come near the book's."""
     from gam_pretrain.data import prep, sources
+
+    def rows_and_records(out: Path):
+        manifest = json.loads((out / "manifest.json").read_text())
+        rows = [prep.read_checked_shard(out, shard, manifest) for shard in manifest["splits"]["train"]["shards"]]
+        records = [{k: r[k] for k in ("documents", "tokens", "replaced_characters")} for r in unit_records(out)]
+        return np.concatenate(rows), records
 
     spec = mixed_corpus(tmp_path / "corpus")
     cfg = small_prep_config(source=spec, tokenizer=tokenizer_file, block_size=16, documents_per_unit=0,
                             unit_bytes=1 << 30, samples_per_shard=7)
     monkeypatch.setattr(sources, "PART_LINES", 1 << 30)
     run_prep(cfg, tmp_path / "whole", **QUIET)
-    held, parts, added = [], [], []
+    run_prep(dataclasses.replace(cfg, samples_per_shard=1 << 20), tmp_path / "one-shard", **QUIET)
+    parts, added = [], []
     monkeypatch.setattr(sources, "PART_LINES", 5)
     line_parts, add = sources._line_parts, prep._ShardWriter.add
     monkeypatch.setattr(sources, "_line_parts", lambda f, n: (parts.append(p) or p for p in line_parts(f, n)))
-
-    def watched_add(self, tokens):
-        added.append(len(tokens))
-        add(self, tokens)
-        held.append(self.held)
-
-    monkeypatch.setattr(prep._ShardWriter, "add", watched_add)
+    monkeypatch.setattr(prep._ShardWriter, "add", lambda self, tokens: added.append(len(tokens)) or add(self, tokens))
     run_prep(cfg, tmp_path / "parts", **QUIET)
     assert len(parts) > 100  # the 600-line book came in parts
     assert len(shard_hashes(tmp_path / "parts")) > 20
     assert shard_hashes(tmp_path / "parts") == shard_hashes(tmp_path / "whole")
-    assert max(held) <= 7 * 16 + max(added)
+    rows, records = rows_and_records(tmp_path / "parts")
+    one_rows, one_records = rows_and_records(tmp_path / "one-shard")
+    assert len(list((tmp_path / "one-shard").glob("train-*.tar"))) == 1 and records == one_records
+    np.testing.assert_array_equal(rows, one_rows)
+    assert max(added) * 50 < records[0]["tokens"]  # tokens arrive a part at a time, never the book at once
 
 
 def test_tokenizer_train_bytes_learns_from_the_first_bytes_only(tmp_path):

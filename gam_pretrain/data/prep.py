@@ -232,7 +232,12 @@ class _ShardWriter:
 
 @functools.lru_cache(maxsize=2)
 def _cached_tokenizer(path: str):
-    return load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    # a tokenizer.json may carry padding or truncation settings: pad ids or cut lines have no place
+    # in packed text, and padding would depend on which lines are encoded together
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def _finished_record(record_path: Path, out_dir: Path, pieces: str | None) -> dict | None:

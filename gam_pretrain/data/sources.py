@@ -359,7 +359,7 @@ class Source:
             yield data[start:None if end < 0 else end].decode(), end < 0
             return
         path = Path(item)
-        if path.name.endswith(".parquet"):
+        if path.name.removesuffix(".gz").endswith(".parquet"):
             for doc in self._file_documents(path):
                 yield doc, True
             return
@@ -377,7 +377,7 @@ class Source:
                 for part, last in _line_parts(text, None if whole else PART_LINES):
                     yield part, last and end < 0
         except (OSError, EOFError) as e:
-            raise SourceError(f"cannot read {path}: {e}") from None
+            raise SourceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
     # ---- sizes and identity ----------------------------------------------------------------
     def num_documents(self, split: str) -> int | None:
