@@ -77,7 +77,7 @@ class TrainConfig:
     seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    accel: Literal["auto", "none", "compile"] = "auto"  # fast path applied from outside the model (gam_pretrain/accel); auto: the fastest measured (none so far)
+    accel: Literal["auto", "none", "compile", "compile-graphs"] = "auto"  # fast path applied from outside the model (gam_pretrain/accel); compile-graphs: + CUDA graphs per block; auto: the fastest measured (none so far)
     out_dir: str = "runs"  # parent folder of run directories
     run_name: str = ""  # default: <arch>-<timestamp>
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
@@ -495,10 +495,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     batch_layout(t, 1)  # what divides over any number of ranks divides over one
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.model.arch == "mamba" and cfg.model.scan == "cuda" and (
-            importlib.util.find_spec("mamba_ssm") is None or cfg.train.device.startswith("cpu")):
-        raise ConfigError("'model.scan' cuda needs a CUDA device and mamba-ssm (pip install 'gam-pretrain[gpu]'); "
-                          "choose auto or torch")
+    if t.accel == "compile-graphs" and (cfg.engine.kind != "single" or batch_layout(t, 1).grad_accum != 1
+                                        or cfg.engine.activation_checkpointing):
+        # a replay overwrites the buffers autograd kept as .grad, so accumulation would read overwritten
+        # gradients (pytorch/pytorch#96693); sharding engines move parameters between steps
+        raise ConfigError("'train.accel' compile-graphs runs with engine.kind single, one micro-batch per step and no "
+                          "activation checkpointing; choose compile")
+    if cfg.model.arch == "mamba" and cfg.model.scan in ("cuda", "triton") and (
+            importlib.util.find_spec("mamba_ssm" if cfg.model.scan == "cuda" else "triton") is None
+            or cfg.train.device.startswith("cpu")):
+        needs = "mamba-ssm (pip install 'gam-pretrain[gpu]')" if cfg.model.scan == "cuda" else "Triton (CUDA PyTorch brings it)"
+        raise ConfigError(f"'model.scan' {cfg.model.scan} needs a CUDA device and {needs}; choose auto, torch or chunked")
     if cfg.engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("'engine.kind' deepspeed needs DeepSpeed: pip install 'gam-pretrain[deepspeed]' "
                           "(or choose ddp or fsdp2, which need only torch)")

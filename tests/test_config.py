@@ -200,3 +200,17 @@ def test_the_global_batch_is_cut_by_the_world_size_or_refused_in_one_line():
         assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="set only one of"):
         validate(load_config(None, ["train.micro_batch_size=4", "train.grad_accum=2"]))
+
+
+def test_compile_graphs_and_gpu_scans_are_refused_where_they_cannot_run():
+    """CUDA graphs replay into the buffers autograd keeps as .grad: accumulation, sharding or DDP
+    engines and recomputed blocks are refused; a GPU scan is refused on a CPU device."""
+    ok = ["train.accel=compile-graphs", "train.batch_size=8"]
+    validate(load_config(None, ok))
+    for extra in ("train.grad_accum=2", "engine.kind=ddp", "engine.activation_checkpointing=true"):
+        with pytest.raises(ConfigError, match="'train.accel' compile-graphs runs with engine.kind single"):
+            validate(load_config(None, ok + [extra]))
+    for scan in ("triton", "cuda"):
+        with pytest.raises(ConfigError, match=f"'model.scan' {scan} needs a CUDA device"):
+            validate(load_config(None, ["model.arch=mamba", f"model.scan={scan}", "train.device=cpu"]))
+    validate(load_config(None, ["model.arch=mamba", "model.scan=chunked"]))

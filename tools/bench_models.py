@@ -45,7 +45,7 @@ MODELS = {
     "mamba-standard": dict(arch="mamba", stack="standard"),
     "mamba-paper": dict(arch="mamba", stack="paper"),
 }
-ACCELS = ("auto", "none", "compile")
+ACCELS = ("auto", "none", "compile", "compile-graphs")
 
 
 def make_step(cfg: ModelConfig, accel: str | None, device: torch.device, batch: int, seq: int, bf16: bool):

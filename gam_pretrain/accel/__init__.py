@@ -7,11 +7,13 @@ runs right after the model is built and before an engine wraps it. Kinds (`train
   none     the model as built (no compile).
   compile  regional torch.compile: each `model.blocks[i]` compiled in place (parameter names and
            the state dict unchanged); the Mamba scan is left out of the compiled regions.
+  compile-graphs  the same with mode="reduce-overhead": each block's kernels replayed as a CUDA
+           graph, for launch-bound sizes (the paper's 22M setting); on a CPU, as compile.
   auto     what measured fastest (see `resolve`).
 
-Whatever the kind, Mamba mixers get the scan `model.scan` asks for (scan.py): mamba-ssm's CUDA
-kernel or a PyTorch loop with a hand-written backward, in place of the model file's autograd loop
-(the same function; tests/test_accel.py).
+Whatever the kind, Mamba mixers get the scan `model.scan` asks for (scan.py): a PyTorch loop with
+a hand-written backward, a chunked scan, a Triton kernel or mamba-ssm's CUDA kernel, in place of the
+model file's autograd loop (the same function; tests/test_accel.py).
 
 There is no CPU kernel path any more: fused C++ kernels for the fp32 CPU step (LayerNorm, bias +
 GELU, bias + dropout + residual, GAM's gated mix, the causal conv, the tied head + cross-entropy)
@@ -26,7 +28,7 @@ import torch.nn as nn
 from ..models.mamba import SelectiveScan
 from .scan import scan_for
 
-KINDS = ("auto", "none", "compile")
+KINDS = ("auto", "none", "compile", "compile-graphs")
 
 
 def resolve(kind: str) -> str:
@@ -53,12 +55,13 @@ def apply_accel(model: nn.Module, kind: str, device: torch.device) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, SelectiveScan):
                 scan = scan_for(model.cfg.scan, device)
-                if kind == "compile":  # hundreds of tiny steps: slow to trace, and nothing to fuse across
+                if kind != "none":  # hundreds of tiny steps: slow to trace, and nothing to fuse across
                     scan.forward = torch.compiler.disable(scan.forward)
                 setattr(parent, name, scan)
-    if kind == "compile":
+    if kind != "none":
+        mode = "reduce-overhead" if kind == "compile-graphs" and device.type == "cuda" else None
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
     return model
 
 

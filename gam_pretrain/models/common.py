@@ -36,7 +36,7 @@ class ModelConfig:
     d_state: int = 16  # Mamba: SSM state size n per channel
     d_conv: int = 4  # Mamba: width of the depthwise causal conv
     expand: int = 3  # Mamba: inner width d_inner = expand * d_model
-    scan: Literal["auto", "torch", "cuda"] = "auto"  # Mamba scan, installed by gam_pretrain.accel: cuda (mamba-ssm), torch, auto: cuda when available
+    scan: Literal["auto", "torch", "chunked", "triton", "cuda"] = "auto"  # Mamba scan, installed by gam_pretrain.accel: torch (sequential), chunked, triton, cuda (mamba-ssm); auto: cuda, else chunked on CUDA; torch on CPU
     # Initialisation
     init: Literal["gpt2", "torch-default"] = "gpt2"  # gpt2: N(0, init_std) weights, zero biases; torch-default: PyTorch's module defaults, as the paper's code (xavier-uniform memory, mamba-ssm's dt/A/D)
     init_std: float = 0.02  # init gpt2: std of the N(0, std) init of linear and embedding weights and GAM's memory

@@ -10,8 +10,9 @@ gated by SiLU(z) -> out_proj), with its defaults: dt_rank = ceil(C/16), S4D-real
   RMSNorm, no positional embedding (the recurrence carries position). The fair baseline.
 
 The scan here is the recurrence written as a loop over time. gam_pretrain.accel swaps in a faster
-one, chosen by `model.scan`: mamba-ssm's fused CUDA kernel (`cuda`, or `auto` on CUDA when
-`mamba_ssm` imports) or a PyTorch scan with a hand-written backward (`torch`, `auto` elsewhere).
+one, chosen by `model.scan` (gam_pretrain/accel/scan.py): the same loop with a hand-written
+backward (`torch`), a chunked scan (`chunked`), a Triton kernel (`triton`) or mamba-ssm's CUDA
+kernel (`cuda`); `auto` takes the best the device has.
 """
 from __future__ import annotations
 

@@ -165,6 +165,7 @@ class Engine(ABC):
         for i, (inputs, targets) in enumerate(batches):
             last = i == len(batches) - 1
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            torch.compiler.cudagraph_mark_step_begin()  # train.accel=compile-graphs: the last replay's outputs are done with
             with self.gradient_sync(last):
                 loss_sum += self.forward_backward(inputs, targets, loss_scale)
         grad_norm = self.optimizer_step()
