@@ -74,6 +74,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole validation split
     eval_mean: Literal["tokens", "batches"] = "tokens"  # val loss: token-weighted mean; batches: the mean of each batch's mean loss (the paper's evaluate)
     log_interval: int = 10  # steps between metrics lines (metrics.jsonl, wandb, progress bar)
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: a torch.profiler trace of steps a to b (1-based) in <run dir>/profile/
     seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -81,7 +82,7 @@ class TrainConfig:
     out_dir: str = "runs"  # parent folder of run directories
     run_name: str = ""  # default: <arch>-<timestamp>
     peak_flops: float = 0.0  # for MFU; 0 = known GPU peak, or a measured fp32 matmul peak on CPU
-    progress: bool = True  # a tqdm progress bar on rank 0
+    progress: bool = True  # rank 0 shows progress: a tqdm bar on a terminal, else one plain line per log interval (SLURM logs)
 
 
 
@@ -239,7 +240,8 @@ def load_prep_command(cls: type, path: str | Path | None, overrides: list[str]) 
 ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "optim.decay": "matrices",
                           "optim.warmup_from_zero": False, "data.tokenizer_splits": ["train"],
                           "data.packing": "separators", "train.eval_mean": "tokens",
-                          "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {}}
+                          "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {},
+                          "train.profile_steps": []}
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
@@ -488,6 +490,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"'{key}' must be positive, got {value_at(cfg, key)}")
     if cfg.model.arch == "transformer" and cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})")
+    steps = cfg.train.profile_steps
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"'train.profile_steps' must be [first, last] steps with 1 <= first <= last (or []), got {steps}")
     t = cfg.train
     if t.micro_batch_size and t.grad_accum != 1:
         raise ConfigError(f"set only one of 'train.micro_batch_size' ({t.micro_batch_size}) and 'train.grad_accum' "

@@ -214,3 +214,10 @@ def test_compile_graphs_and_gpu_scans_are_refused_where_they_cannot_run():
         with pytest.raises(ConfigError, match=f"'model.scan' {scan} needs a CUDA device"):
             validate(load_config(None, ["model.arch=mamba", f"model.scan={scan}", "train.device=cpu"]))
     validate(load_config(None, ["model.arch=mamba", "model.scan=chunked"]))
+
+
+def test_profile_steps_are_a_first_and_last_step():
+    validate(load_config(None, ["train.profile_steps=[2, 5]"]))
+    for bad in ("[5, 2]", "[0, 3]", "[3]"):
+        with pytest.raises(ConfigError, match=r"'train.profile_steps' must be \[first, last\]"):
+            validate(load_config(None, [f"train.profile_steps={bad}"]))

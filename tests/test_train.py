@@ -68,6 +68,33 @@ def test_data_that_does_not_fit_the_model_is_refused(prepared_small):
         check_fits(prepared_small, 512, 64)
 
 
+def test_a_run_logged_to_a_file_gives_one_plain_line_per_interval_and_a_final_line(tmp_path, prepared_small):
+    """stdout to a file, as a SLURM job's: no progress bar (no carriage returns), a line per log
+    interval, and a final line with the validation loss, the tokens and the run dir; and the
+    profiler trace train.profile_steps asks for."""
+    import subprocess
+    import sys
+
+    overrides = [o for o in tiny_run_overrides(tmp_path, prepared_small, steps=20) if o != "train.progress=false"]
+    with open(tmp_path / "job.out", "w") as out:
+        done = subprocess.run([sys.executable, "-m", "gam_pretrain", "train", *overrides, "train.run_name=logged",
+                               "train.profile_steps=[3, 4]"],
+                              stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "job.out").read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
+    assert all(" | loss " in line and " tokens/s | MFU " in line and "| ETA " in line for line in lines)
+    final = text.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "logged" / "summary.json").read_text())
+    assert final.startswith("gam: finished 20 steps, 5,120 tokens in ")
+    assert f"validation loss {summary['val_loss']:.4f}" in final and final.endswith(f"run dir {tmp_path / 'logged'}")
+    trace = json.loads((tmp_path / "logged" / "profile" / "steps_3-4_rank00000.json").read_text())
+    assert any("aten::" in event.get("name", "") for event in trace["traceEvents"])
+    assert f"profile of steps 3-4: {tmp_path / 'logged' / 'profile'}" in text
+
+
 def test_cli_refuses_mismatched_vocab_at_start(tmp_path, prepared_small, capsys):
     from gam_pretrain.cli import main
 

@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +30,7 @@ from ..models import build_model
 from .checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint
 from .distributed import DistInfo, barrier, decided_on_main, init_distributed, require_process_group
 from .engines import Engine, build_model_and_engine, model_state_bytes
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, duration, progress_line
 from .perf import peak_flops
 from .preemption import Preempted, PreemptionFlag
 from .summary import SUMMARY, read_summary, write_summary
@@ -156,6 +157,34 @@ def agree(flags: list[bool], device: torch.device, dist: DistInfo) -> list[bool]
     return [bool(x) for x in t.tolist()]
 
 
+class StepProfiler:
+    """train.profile_steps: a torch.profiler trace of steps [first, last] (1-based), written by each
+    rank to <run dir>/profile/ when the last of them ends."""
+
+    def __init__(self, steps: list[int], run_dir: Path, rank: int, device: torch.device, say):
+        self.steps, self.say, self.active = steps, say, None
+        self.path = run_dir / "profile" / (f"steps_{steps[0]}-{steps[1]}_rank{rank:05d}.json" if steps else "")
+        self.activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            self.active = torch.profiler.profile(activities=self.activities)
+            self.active.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.active is not None and step == self.steps[1]:
+            self.close()
+            self.path.parent.mkdir(exist_ok=True)
+            self.done.export_chrome_trace(str(self.path))
+            self.say(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.path} (chrome://tracing, Perfetto)")
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.__exit__(None, None, None)
+            self.done, self.active = self.active, None
+
+
 def train(cfg: RunConfig, log=print) -> RunResult:
     validate(cfg)
     probe = resolve_device(cfg.train.device)
@@ -254,7 +283,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             return result
 
         progress = None
-        if t.progress and dist.is_main:
+        # a terminal gets a bar; a log file (a SLURM job's stdout) one plain line per log interval
+        plain_lines = t.progress and not sys.stdout.isatty()
+        if t.progress and dist.is_main and not plain_lines:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total_steps, initial=start_step, desc=cfg.model.arch, unit="step",
@@ -265,10 +296,12 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             (run_dir / "sample_ids").mkdir(exist_ok=True)
             sample_log = open(run_dir / "sample_ids" / f"rank{dist.rank:05d}.jsonl", "a", buffering=1)  # a line at a time
         preemption = PreemptionFlag()
+        profiler = StepProfiler(t.profile_steps, run_dir, dist.rank, device, say)
         last_save = time.monotonic()
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         try:
             for step in range(start_step, total_steps):
+                profiler.before(step + 1)
                 step_start = time.perf_counter()
                 batches = loader.next_step()
                 if sample_log is not None:
@@ -280,16 +313,22 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                                              "data")
                 train_seconds += time.perf_counter() - step_start
                 window_tokens += tokens_per_step
+                window_steps += 1
                 history.append(loss)
                 done = step + 1
+                profiler.after(done)
                 if done % t.log_interval == 0 or done == total_steps:
-                    tps = window_tokens / (time.perf_counter() - window_start)
+                    window_seconds = time.perf_counter() - window_start
+                    tps = window_tokens / window_seconds
                     mem = gather_floats(memory_mb(device), device, dist)
                     metrics.log({"step": done, "loss": loss, "lr": step_result.lr,
                                  "grad_norm": step_result.grad_norm, "tokens_per_s": tps,
                                  "mfu": tps * flops_per_token / peak, "epoch": loader.epoch_progress,
                                  "tokens": done * tokens_per_step, "memory_mb": mem, **tokens_by_source(done)})
-                    window_tokens, window_start = 0, time.perf_counter()
+                    if plain_lines:
+                        say(progress_line(done, total_steps, loss, step_result.lr, tps, tps * flops_per_token / peak,
+                                          (total_steps - done) * window_seconds / window_steps))
+                    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 if progress is not None:
@@ -323,6 +362,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                 checkpointer.close()
             raise
         finally:
+            profiler.close()
             preemption.restore()
             if sample_log is not None:
                 sample_log.close()
@@ -352,4 +392,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             write_summary(run_dir, summary)
             record_attempt(run_dir, {"event": "finished", "step": total_steps})
         metrics.close()
+        say(f"{cfg.model.arch}: finished {total_steps} steps, {summary['tokens']:,} tokens in {duration(train_seconds)} "
+            f"({summary['tokens_per_s']:,.0f} tokens/s); validation loss {last_eval['val_loss']:.4f}, perplexity "
+            f"{last_eval['val_ppl']:.2f}; run dir {run_dir}")
         return RunResult(run_dir, summary, engine.eval_model(), data, engine)

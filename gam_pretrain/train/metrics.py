@@ -44,3 +44,18 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def duration(seconds: float) -> str:
+    """3h05m, 4m12s, 37s."""
+    seconds = int(round(max(seconds, 0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, mfu: float,
+                  eta_seconds: float) -> str:
+    """One plain line per log interval, for a log file (a SLURM job's stdout has no terminal)."""
+    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tokens/s | "
+            f"MFU {mfu:.3f} | ETA {duration(eta_seconds)}")
