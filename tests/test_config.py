@@ -176,7 +176,7 @@ def test_settings_added_later_keep_older_sweep_run_names():
     other = {"model.init": "torch-default", "model.mix_dropout": False, "optim.decay": "all",
              "optim.warmup_from_zero": True, "data.tokenizer_splits": ["all"], "data.packing": "paper",
              "train.eval_mean": "batches", "train.micro_batch_size": 4, "data.mixture": {"data/a": 1.0},
-             "data.mixture_max_epochs": {"data/a": 2.0}}
+             "data.mixture_max_epochs": {"data/a": 2.0}, "train.profile_steps": [1, 2]}
     assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
     for key, value in other.items():
         cfg = RunConfig()
