@@ -188,27 +188,34 @@ def measure_loader(args, result: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Throughput (when measured) and the memory curve: the largest worker and the main process."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(result["throughput"]["few"])
-    for i, shape in enumerate(("many", "few")):
-        values = [result["throughput"][shape][n]["tokens_per_s"] / 1e6 for n in names]
-        left.bar([j + 0.4 * i for j in range(len(names))], values, width=0.4, label=f"{shape} files")
-    left.set_xticks([j + 0.2 for j in range(len(names))], [n.replace("_", "\n") for n in names], fontsize=7)
-    left.set_ylabel("million tokens / s")
-    left.set_title(f"prep of {result['corpus']['bytes'] / 1e6:.0f} MB, 2 CPU cores")
-    left.legend()
+    if result["throughput"]:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        names = list(result["throughput"]["few"])
+        for i, shape in enumerate(("many", "few")):
+            values = [result["throughput"][shape][n]["tokens_per_s"] / 1e6 for n in names]
+            left.bar([j + 0.4 * i for j in range(len(names))], values, width=0.4, label=f"{shape} files")
+        left.set_xticks([j + 0.2 for j in range(len(names))], [n.replace("_", "\n") for n in names], fontsize=7)
+        left.set_ylabel("million tokens / s")
+        left.set_title(f"prep of {result['corpus']['bytes'] / 1e6:.0f} MB, 2 CPU cores")
+        left.legend()
+    else:
+        fig, right = plt.subplots(figsize=(6, 4))
     sizes = sorted(result["memory"], key=float)
-    right.plot([float(s) for s in sizes], [result["memory"][s]["peak_rss_per_process"] / 2**20 for s in sizes], "o-")
+    for key, label in (("peak_rss_workers", "largest worker"), ("peak_rss_main", "main process")):
+        if all(key in result["memory"][s] for s in sizes):
+            right.plot([float(s) for s in sizes], [result["memory"][s][key] / 2**20 for s in sizes], "o-", label=label)
     right.set_xscale("log")
     right.set_ylim(bottom=0)
     right.set_xlabel("corpus MB")
-    right.set_ylabel("peak RSS per process (MiB)")
+    right.set_ylabel("peak RSS (MiB)")
     right.set_title("our prep, 2 workers, 16 MB files")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -220,6 +227,7 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, nargs="*", default=[10, 100, 1000])
     parser.add_argument("--loader", action="store_true", help="also the loader vs training consumption")
     parser.add_argument("--memory-only", action="store_true", help="only the memory curve (no throughput rounds)")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the PNG of a JSON this tool wrote")
     parser.add_argument("--out", default="results/bench_data_cpu.json")
     parser.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
@@ -227,6 +235,8 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        return plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
     if args.child:
         result = (child_ours if args.child == "ours" else child_baseline)(args)
         print(json.dumps({**result, **peak_rss()}))
@@ -290,8 +300,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    if not args.memory_only:
-        plot(result, out.with_suffix(".png"))
+    plot(result, out.with_suffix(".png"))
     print(json.dumps({key: result[key] for key in ("ratios", "memory_max_over_min", "memory_workers_max_over_min")}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
