@@ -194,8 +194,10 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = bool(result["throughput"]) + bool(result["memory"])
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     if result["throughput"]:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        left = axes[0][0]
         names = list(result["throughput"]["few"])
         for i, shape in enumerate(("many", "few")):
             values = [result["throughput"][shape][n]["tokens_per_s"] / 1e6 for n in names]
@@ -204,8 +206,11 @@ def plot(result: dict, path: Path) -> None:
         left.set_ylabel("million tokens / s")
         left.set_title(f"prep of {result['corpus']['bytes'] / 1e6:.0f} MB, 2 CPU cores")
         left.legend()
-    else:
-        fig, right = plt.subplots(figsize=(6, 4))
+    if not result["memory"]:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return
+    right = axes[0][-1]
     sizes = sorted(result["memory"], key=float)
     for key, label in (("peak_rss_workers", "largest worker"), ("peak_rss_main", "main process")):
         if all(key in result["memory"][s] for s in sizes):
