@@ -28,7 +28,6 @@ try:  # Triton comes with CUDA PyTorch
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     TritonScan = None
 
-SCANS = ("auto", "torch", "chunked", "triton", "cuda")
 
 
 class _TimeMajorScan(torch.autograd.Function):

@@ -195,6 +195,7 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, split: str, unit: int, block: int, stride: int, per_shard: int | None, dtype):
         self.out_dir, self.split, self.unit = out_dir, split, unit
         self.block, self.stride, self.per_shard, self.dtype = block, stride, per_shard, dtype
+        self.overlap = block + 1 - stride  # tokens a sample shares with the next
         self.pending: list[np.ndarray] = []
         self.held = self.tokens = 0
         self.shards: list[dict] = []
@@ -203,8 +204,7 @@ class _ShardWriter:
         self.pending.append(tokens)
         self.held += len(tokens)
         self.tokens += len(tokens)
-        overlap = self.block + 1 - self.stride
-        while self.per_shard and self.held >= self.per_shard * self.stride + overlap:
+        while self.per_shard and self.held >= self.per_shard * self.stride + self.overlap:
             held = np.concatenate(self.pending)
             self._write(held, self.per_shard)
             rest = held[self.per_shard * self.stride:].copy()  # a copy: the written shard's tokens are freed
@@ -212,7 +212,7 @@ class _ShardWriter:
 
     def finish(self) -> list[dict]:
         held = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-        n = max(0, (len(held) - (self.block + 1 - self.stride)) // self.stride)
+        n = max(0, (len(held) - self.overlap) // self.stride)
         if n:
             self._write(held, n)
         self.pending, self.held = [], 0

@@ -31,7 +31,7 @@ from .checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint
 from .distributed import DistInfo, barrier, decided_on_main, init_distributed, require_process_group
 from .engines import Engine, build_model_and_engine, model_state_bytes
 from .metrics import MetricsLogger, duration, progress_line
-from .perf import peak_flops
+from .perf import StepProfiler, peak_flops
 from .preemption import Preempted, PreemptionFlag
 from .summary import SUMMARY, read_summary, write_summary
 
@@ -155,34 +155,6 @@ def agree(flags: list[bool], device: torch.device, dist: DistInfo) -> list[bool]
     t = torch.tensor([float(f) for f in flags], device=device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
-
-
-class StepProfiler:
-    """train.profile_steps: a torch.profiler trace of steps [first, last] (1-based), written by each
-    rank to <run dir>/profile/ when the last of them ends."""
-
-    def __init__(self, steps: list[int], run_dir: Path, rank: int, device: torch.device, say):
-        self.steps, self.say, self.active = steps, say, None
-        self.path = run_dir / "profile" / (f"steps_{steps[0]}-{steps[1]}_rank{rank:05d}.json" if steps else "")
-        self.activities = [torch.profiler.ProfilerActivity.CPU] + \
-            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-
-    def before(self, step: int) -> None:
-        if self.steps and step == self.steps[0]:
-            self.active = torch.profiler.profile(activities=self.activities)
-            self.active.__enter__()
-
-    def after(self, step: int) -> None:
-        if self.active is not None and step == self.steps[1]:
-            self.close()
-            self.path.parent.mkdir(exist_ok=True)
-            self.done.export_chrome_trace(str(self.path))
-            self.say(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.path} (chrome://tracing, Perfetto)")
-
-    def close(self) -> None:
-        if self.active is not None:
-            self.active.__exit__(None, None, None)
-            self.done, self.active = self.active, None
 
 
 def train(cfg: RunConfig, log=print) -> RunResult:

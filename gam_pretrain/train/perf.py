@@ -1,8 +1,9 @@
-"""Throughput accounting: peak FLOP/s for MFU and a measured CPU matmul peak."""
+"""Throughput accounting: peak FLOP/s for MFU, a measured CPU matmul peak, and a profiler for chosen steps."""
 from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,3 +72,31 @@ def tune_cpu_allocator(mmap_threshold: int = REUSE_THE_HEAP) -> bool:
         return libc.mallopt(M_TRIM_THRESHOLD, max(mmap_threshold, 1 << 20)) == 1 and ok
     except (OSError, AttributeError):
         return False
+
+
+class StepProfiler:
+    """train.profile_steps: a torch.profiler trace of steps [first, last] (1-based), written by each
+    rank to <run dir>/profile/ when the last of them ends."""
+
+    def __init__(self, steps: list[int], run_dir: Path, rank: int, device: torch.device, say):
+        self.steps, self.say, self.active = steps, say, None
+        self.path = run_dir / "profile" / (f"steps_{steps[0]}-{steps[1]}_rank{rank:05d}.json" if steps else "")
+        self.activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            self.active = torch.profiler.profile(activities=self.activities)
+            self.active.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.active is not None and step == self.steps[1]:
+            self.close()
+            self.path.parent.mkdir(exist_ok=True)
+            self.done.export_chrome_trace(str(self.path))
+            self.say(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.path} (chrome://tracing, Perfetto)")
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.__exit__(None, None, None)
+            self.done, self.active = self.active, None
