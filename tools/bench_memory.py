@@ -15,6 +15,17 @@ rank (16 bytes per parameter for fp32 AdamW: 4 weights, 4 gradients, 8 moments, 
 engine divides them).
 
 On 2 cores a step of the largest models takes seconds; the whole ladder takes tens of minutes.
+
+    python tools/bench_memory.py --gpu --out results/bench_memory_h200.json   # on a GPU machine
+
+--gpu runs the same search on --world CUDA devices (default 1: every engine at one rank, so the
+sharded engines shard nothing and what differs is activation checkpointing and ZeRO-3's offload of
+the optimizer to host memory) in bf16 (autocast for DDP, DeepSpeed's bf16 mode, FSDP2's bf16
+parameter policy; fp32 AdamW state in all of them, so 16 bytes per parameter still), 4 x 1024 tokens
+per rank, widths from 1024 in steps of 128. A trial fits when it ends without an error and every
+rank's peak of reserved device memory (torch.cuda.max_memory_reserved) is within --budget-gib per
+device (default: the device's memory); the watcher then guards the host's memory only (--host-gib).
+--budget-s stops the search of the remaining configs when the time is spent (what was found is kept).
 """
 from __future__ import annotations
 
@@ -42,17 +53,16 @@ CONFIGS = {
     "fsdp2": ["engine.kind=fsdp2"],
     "fsdp2+ac": ["engine.kind=fsdp2", "engine.activation_checkpointing=true"],
 }
-WORLD = 2
 
 
-def analytic_bytes_per_rank(config: str, params: int) -> int:
+def analytic_bytes_per_rank(config: str, params: int, world: int) -> int:
     """fp32 AdamW model state per rank: weights 4, gradients 4, moments 8 bytes per parameter.
     ZeRO-2 keeps whole weights and an fp32 master partition beside its sharded gradients and moments."""
     if config.startswith("ddp"):
         return 16 * params
     if config.startswith("zero2"):
-        return 4 * params + (4 + 8 + 4) * params // WORLD
-    return 16 * params // WORLD  # ZeRO-3 (master partitions shared with the weights) and FSDP2
+        return 4 * params + (4 + 8 + 4) * params // world
+    return 16 * params // world  # ZeRO-3 (master partitions shared with the weights) and FSDP2
 
 
 def worker(args) -> None:
@@ -67,21 +77,27 @@ def worker(args) -> None:
     from gam_pretrain.train.engines import build_model_and_engine
 
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    info = init_distributed("cuda" if args.gpu else "cpu")
+    device = torch.device(f"cuda:{info.local_rank}" if args.gpu else "cpu")
     overrides = [f"model.d_model={args.width}", f"model.n_layers={max(2, args.width // 64)}", "model.dropout=0.0",
-                 f"model.block_size={args.seq}", f"train.batch_size={WORLD * args.batch}", "optim.warmup_steps=0",
-                 *CONFIGS[args.config]]
+                 f"model.block_size={args.seq}", f"train.batch_size={args.world * args.batch}", "optim.warmup_steps=0",
+                 f"train.precision={'bf16' if args.gpu else 'fp32'}", *CONFIGS[args.config]]
     cfg = load_config(None, overrides)
-    engine = build_model_and_engine(cfg, torch.device("cpu"), info)
+    engine = build_model_and_engine(cfg, device, info)
     gen = torch.Generator().manual_seed(info.rank)
     for step in range(3):
-        tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
+        tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
         engine.train_step([(tokens[:, :-1], tokens[:, 1:])], step, 3)
     peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    device_peak = [torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)] if args.gpu else None
     peaks = [None] * info.world_size
-    dist.all_gather_object(peaks, peak)
+    dist.all_gather_object(peaks, (peak, device_peak))
     if info.is_main:
-        Path(args.worker_out).write_text(json.dumps({"peak_rss_per_rank": peaks}))
+        result = {"peak_rss_per_rank": [p[0] for p in peaks]}
+        if args.gpu:
+            result["peak_device_reserved_per_rank"] = [p[1][0] for p in peaks]
+            result["peak_device_allocated_per_rank"] = [p[1][1] for p in peaks]
+        Path(args.worker_out).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # DeepSpeed's threads can abort an orderly interpreter exit
@@ -120,10 +136,11 @@ def trial(config: str, width: int, args, work: Path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(port),
-           __file__, "--config", config, "--width", str(width), "--seq", str(args.seq), "--batch", str(args.batch),
-           "--worker-out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world), "--master_port",
+           str(port), __file__, "--config", config, "--width", str(width), "--seq", str(args.seq), "--batch",
+           str(args.batch), "--world", str(args.world), "--worker-out", str(out), *(["--gpu"] if args.gpu else [])]
     budget = args.budget_gib * 2**30
+    host_budget = args.host_gib * 2**30 if args.gpu else budget
     started = time.perf_counter()
     with open(work / f"{config}-{width}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -131,7 +148,7 @@ def trial(config: str, width: int, args, work: Path) -> dict:
     seen, over = 0, False
     while proc.poll() is None:
         seen = max(seen, memory_of_tree(proc.pid))
-        if seen > budget:
+        if seen > host_budget:
             over = True
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -142,16 +159,22 @@ def trial(config: str, width: int, args, work: Path) -> dict:
             break
         time.sleep(0.01)
     result = {"width": width, "depth": max(2, width // 64), "params": params, "seconds": time.perf_counter() - started,
-              "max_polled_pss_sum": seen, "analytic_state_bytes_per_rank": analytic_bytes_per_rank(config, params)}
+              "max_polled_pss_sum": seen, "analytic_state_bytes_per_rank": analytic_bytes_per_rank(config, params, args.world)}
     if over:
-        return {**result, "fits": False, "why": f"memory (PSS) of the ranks passed {args.budget_gib} GiB"}
+        return {**result, "fits": False, "why": f"host memory (PSS) of the ranks passed {host_budget / 2**30:.1f} GiB"}
     if proc.returncode != 0 or not out.exists():
-        tail = (work / f"{config}-{width}.log").read_text()[-400:]
-        return {**result, "fits": False, "why": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail else ''}"}
-    peaks = json.loads(out.read_text())["peak_rss_per_rank"]
+        text = (work / f"{config}-{width}.log").read_text()
+        why = "device out of memory" if "out of memory" in text.lower() else (text.strip().splitlines() or [""])[-1]
+        return {**result, "fits": False, "why": f"exit {proc.returncode}: {why[-300:]}"}
+    measured = json.loads(out.read_text())
+    if args.gpu:
+        device_peaks = measured["peak_device_reserved_per_rank"]
+        fits = max(device_peaks) <= budget
+        return {**result, **measured, "fits": fits,
+                **({} if fits else {"why": f"peak reserved device memory {max(device_peaks) / 2**30:.1f} GiB"})}
+    peaks = measured["peak_rss_per_rank"]
     fits = sum(peaks) <= budget
-    return {**result, "fits": fits, "peak_rss_per_rank": peaks,
-            **({} if fits else {"why": f"peak RSS sum {sum(peaks) / 2**30:.1f} GiB"})}
+    return {**result, **measured, "fits": fits, **({} if fits else {"why": f"peak RSS sum {sum(peaks) / 2**30:.1f} GiB"})}
 
 
 def search(config: str, args, work: Path, say) -> dict:
@@ -173,8 +196,8 @@ def search(config: str, args, work: Path, say) -> dict:
             break
     if lo == 0:
         return {"trials": trials, "largest": None}
-    while hi - lo > 64:
-        mid = (lo + hi) // 2 // 64 * 64
+    while hi - lo > args.width_step:
+        mid = (lo + hi) // 2 // args.width_step * args.width_step
         if run(mid):
             lo = mid
         else:
@@ -189,20 +212,23 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    gpu, world = report.get("gpu", False), report["world_size"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for config, found in report["configs"].items():
         fits = sorted((t for t in found["trials"] if t["fits"]), key=lambda t: t["params"])
         if not fits:
             continue
         x = [t["params"] / 1e6 for t in fits]
-        line, = ax.plot(x, [max(t["peak_rss_per_rank"]) / 2**30 for t in fits], "o-", label=f"{config} (peak RSS)")
+        peak_key = "peak_device_reserved_per_rank" if gpu else "peak_rss_per_rank"
+        line, = ax.plot(x, [max(t[peak_key]) / 2**30 for t in fits], "o-", label=f"{config} (peak)")
         ax.plot(x, [t["analytic_state_bytes_per_rank"] / 2**30 for t in fits], ":", color=line.get_color())
-    ax.axhline(report["budget_gib"] / WORLD, color="gray", lw=0.8)
+    ax.axhline(report["budget_gib"] / (1 if gpu else world), color="gray", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("GAM parameters (millions)")
     ax.set_ylabel("GiB per rank")
-    ax.set_title(f"Peak RSS per rank (solid) vs fp32 AdamW state (dotted), {WORLD} CPU ranks, "
-                 f"budget {report['budget_gib']} GiB")
+    where = f"{world} {report.get('device', 'GPU')} rank(s), bf16" if gpu else f"{world} CPU ranks"
+    ax.set_title(f"Peak {'reserved device memory' if gpu else 'RSS'} per rank (solid) vs fp32 AdamW state (dotted), "
+                 f"{where}, budget {report['budget_gib']:.0f} GiB{' per device' if gpu else ''}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,11 +237,17 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--budget-gib", type=float, default=18.0)
-    parser.add_argument("--start-width", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
+    parser.add_argument("--gpu", action="store_true", help="CUDA devices, bf16 (defaults below in brackets)")
+    parser.add_argument("--world", type=int, help="ranks (2 [1])")
+    parser.add_argument("--budget-gib", type=float,
+                        help="CPU: both ranks' RSS together (18); GPU: reserved memory per device [the device's]")
+    parser.add_argument("--host-gib", type=float, default=100.0, help="GPU: the watcher's limit on host memory")
+    parser.add_argument("--start-width", type=int, help="(256 [1024])")
+    parser.add_argument("--width-step", type=int, help="bisection step (64 [128])")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (64 [1024])")
+    parser.add_argument("--batch", type=int, help="sequences per rank per step (2 [4])")
     parser.add_argument("--trial-timeout", type=float, default=900)
+    parser.add_argument("--budget-s", type=float, default=0, help="stop starting configs after this long (0: never)")
     parser.add_argument("--out", default="results/bench_memory.json")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
@@ -223,6 +255,10 @@ def main() -> None:
     parser.add_argument("--summarize", metavar="JSON",
                         help="only (re)write the summary and PNG of a report whose run was stopped after some configs")
     args = parser.parse_args()
+    for key, cpu, gpu in [("world", 2, 1), ("start_width", 256, 1024), ("width_step", 64, 128), ("seq", 64, 1024),
+                          ("batch", 2, 4)]:
+        if getattr(args, key) is None:
+            setattr(args, key, gpu if args.gpu else cpu)
     if args.worker_out:
         return worker(args)
     if args.summarize:
@@ -236,9 +272,22 @@ def main() -> None:
     print(f"trial logs in {work}", flush=True)
     report = {"benchmark": "bench_memory", "command": "python tools/bench_memory.py " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "world_size": WORLD,
-              "budget_gib": args.budget_gib, "tokens_per_rank_step": args.batch * args.seq, "configs": {}}
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "world_size": args.world,
+              "gpu": args.gpu, "tokens_per_rank_step": args.batch * args.seq, "configs": {}}
+    if args.gpu:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        report["device"] = props.name
+        args.budget_gib = args.budget_gib or props.total_memory / 2**30
+        report["precision"] = "bf16"
+    args.budget_gib = args.budget_gib or 18.0
+    report["budget_gib"] = args.budget_gib
+    started = time.perf_counter()
     for config in args.configs:
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            print(f"{config}: not searched, --budget-s {args.budget_s:.0f} spent", flush=True)
+            continue
         report["configs"][config] = search(config, args, work, lambda line: print(line, flush=True))
         out.write_text(json.dumps(report, indent=2))  # after each engine: a long run keeps what it found
     summarize(report, out)
