@@ -299,6 +299,11 @@ def cmd_eval(args, overrides):
     if not args.data and is_remote(str(recorded)):  # an export is shared: a command in it must not run
         raise ValueError(f"{args.export}: its data_path is a URL or command ({str(recorded)[:80]}); "
                          "pass the data with --data")
+    if recorded and not args.data and not Path(recorded).is_absolute():  # exports record it relative to themselves
+        recorded = str(Path(args.export) / recorded)
+        if not Path(recorded).is_dir():
+            raise FileNotFoundError(f"{args.export}: the data it was trained on is not at {recorded} (relative to the "
+                                    "export, as recorded): pass the data with --data")
     data = ShardSet(args.data or recorded)
     check_fits(data, model.cfg.vocab_size, model.cfg.block_size)
     result = evaluate(model, data, args.split, args.batch_size, "cpu", contextlib.nullcontext)
@@ -318,6 +323,41 @@ def cmd_generate(args, overrides):
     ids = generate(model, tokenizer.encode(args.prompt).ids, args.max_new_tokens, model.cfg.block_size,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + tokenizer.decode(ids))
+
+
+def cmd_evaluate(args, overrides):
+    from .export import load_export
+    from .files import first_line, write_atomic
+
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device here")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {args.include_path}: no such folder of task YAMLs")
+    try:
+        from .eval.harness import evaluate_tasks
+    except ImportError as e:
+        raise ValueError(f"gam-pretrain evaluate needs lm-evaluation-harness ({first_line(e)}): "
+                          "pip install 'gam-pretrain[eval]'") from None
+    model, _, tokenizer = load_export(args.export)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.export} has no tokenizer.json")
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate_tasks(model, tokenizer, tasks, include_path=args.include_path, batch_size=args.batch_size,
+                             device=args.device, limit=args.limit, num_fewshot=args.num_fewshot)
+    table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+             for task, metrics in results["results"].items()}
+    print(json.dumps(table, indent=2))
+    if args.out:
+        write_atomic(args.out, json.dumps({"export": args.export, "tasks": tasks, "results": table,
+                                           "n_samples": results.get("n-samples"),
+                                           "versions": results.get("versions")}, indent=2, default=str))
 
 
 KEYS_HELP = "config keys (--key VALUE, --key=VALUE or key=VALUE; values are read as YAML; - and _ alike):"
@@ -427,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_eval, takes_keys=False)
+    p = sub.add_parser("evaluate", help="lm-evaluation-harness tasks on an export (needs the eval extra)")
+    p.add_argument("export")
+    p.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
+    p.add_argument("--include-path", help="a folder of task YAMLs (e.g. over local jsonl files) to add")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--out", help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_evaluate, takes_keys=False)
     p = sub.add_parser("generate", help="sample text from an export")
     p.add_argument("export")
     p.add_argument("--prompt", default="\n")

@@ -1,4 +1,9 @@
-"""Checkpoint -> one safetensors file + config.json + tokenizer.json, from any engine, offline.
+"""Checkpoint -> a folder Hugging Face transformers loads, from any engine, offline.
+
+model.safetensors (our weight names), config.json (`model_type` gam_pretrain and an `auto_map` to
+modeling_gam_pretrain.py: hf_modeling.py with gam_pretrain/models pasted in, so the folder needs no
+gam_pretrain), tokenizer.json with tokenizer_config.json and special_tokens_map.json, and
+generation_config.json. Paths inside are relative to the folder (the checkpoint, the data).
 
 The checkpoint's files are checked against its files.json first. single/DDP read our torch file
 (weights_only); DeepSpeed merges its ZeRO partitions with `zero_to_fp32` (its loads made
@@ -25,6 +30,12 @@ from .train.checkpoint import CheckpointError, latest_checkpoint, load_torch_fil
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.json"
+MODELING = "modeling_gam_pretrain.py"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
+HASHED = (WEIGHTS, TOKENIZER, MODELING, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
+MODELS_SOURCES = ("common.py", "gam.py", "transformer.py", "mamba.py", "__init__.py")  # in dependency order
 
 
 class ExportError(ValueError):
@@ -84,6 +95,53 @@ def load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
         raise CheckpointError(f"the weights in {source} do not fit the model it describes ({first_line(e)})") from None
 
 
+def modeling_source() -> str:
+    """hf_modeling.py with its import of `.models` replaced by the model files themselves: one
+    self-contained module, the equations exactly as they trained."""
+    package = Path(__file__).parent
+    parts = ["# Written by gam-pretrain's export: gam_pretrain/hf_modeling.py with gam_pretrain/models pasted in.\n"
+             "from __future__ import annotations\n"]
+    for name in MODELS_SOURCES:
+        lines = (package / "models" / name).read_text().splitlines()
+        if any(line.startswith("from .") and line.rstrip().endswith("(") for line in lines):
+            raise RuntimeError(f"models/{name} imports across lines: export.modeling_source pastes one-line imports only")
+        kept = [line for line in lines if not line.startswith(("from __future__", "from ."))]
+        parts.append(f"\n# ---- gam_pretrain/models/{name} ----\n" + "\n".join(kept) + "\n")
+    wrapper = (package / "hf_modeling.py").read_text()
+    if "\nfrom .models import REGISTRY, ModelConfig\n" not in wrapper:
+        raise RuntimeError("hf_modeling.py no longer imports `.models` as export.modeling_source expects")
+    wrapper = "\n".join(line for line in wrapper.splitlines()
+                        if not line.startswith(("from __future__", "from .models import")))
+    parts.append("\n# ---- gam_pretrain/hf_modeling.py ----\n" + wrapper + "\n")
+    return "".join(parts)
+
+
+def hf_config(model: dict, eos: int | None) -> dict:
+    """The Hugging Face keys of config.json (GamPretrainConfig derives the usual names from `model`)."""
+    return {"model_type": "gam_pretrain", "architectures": ["GamPretrainForCausalLM"],
+            "auto_map": {"AutoConfig": "modeling_gam_pretrain.GamPretrainConfig",
+                         "AutoModelForCausalLM": "modeling_gam_pretrain.GamPretrainForCausalLM"},
+            "model": model, "torch_dtype": "float32", "use_cache": False,
+            **({"eos_token_id": eos} if eos is not None else {})}
+
+
+def tokenizer_configs(tokenizer_bytes: bytes, block_size: int) -> tuple[dict, dict]:
+    """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer` (a fast tokenizer over
+    tokenizer.json), naming the special tokens the vocabulary has."""
+    from .data.tokenizer import EOS_CANDIDATES, tokenizer_from_bytes
+
+    tok = tokenizer_from_bytes(tokenizer_bytes, TOKENIZER)
+    specials = {}
+    for role, names in (("eos_token", EOS_CANDIDATES), ("unk_token", ("<unk>", "[UNK]")),
+                        ("pad_token", ("<pad>", "[PAD]")), ("bos_token", ("[SOS]",))):
+        found = next((n for n in names if tok.token_to_id(n) is not None), None)
+        if found:
+            specials[role] = found
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, **specials}
+    return config, specials
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
@@ -102,17 +160,29 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
         os.replace(partial, out / WEIGHTS)
     finally:
         partial.unlink(missing_ok=True)
-    sha256 = {WEIGHTS: sha256_file(out / WEIGHTS)}
-    (out / TOKENIZER).unlink(missing_ok=True)  # never leave an earlier export's tokenizer beside these weights
+    for name in (TOKENIZER, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+        (out / name).unlink(missing_ok=True)  # never leave an earlier export's tokenizer beside these weights
+    write_atomic(out / MODELING, modeling_source())
+    write_atomic(out / GENERATION_CONFIG, json.dumps({"use_cache": False}, indent=2))  # no Cache: see hf_modeling
     recorded = str(state.get("data_path") or "")
+    eos = None
     if recorded.startswith(("http://", "https://")) or (recorded and not is_remote(recorded)
                                                         and (Path(recorded) / "manifest.json").is_file()):
-        data = ShardSet(state["data_path"])
-        write_atomic(out / TOKENIZER, data.tokenizer_bytes())  # checked against the data's manifest
-        sha256[TOKENIZER] = sha256_file(out / TOKENIZER)
-    config = {"model": state["model"], "step": state["step"], "tokens": state.get("tokens"),
-              "data_fingerprint": state.get("data_fingerprint"), "data_path": state.get("data_path"),
-              "checkpoint": str(ckpt.resolve()), "engine": state["engine"]["kind"], "sha256": sha256}
+        from .data.tokenizer import eos_id, tokenizer_from_bytes
+
+        tokenizer_bytes = ShardSet(state["data_path"]).tokenizer_bytes()  # checked against the data's manifest
+        write_atomic(out / TOKENIZER, tokenizer_bytes)
+        tokenizer_config, special_tokens = tokenizer_configs(tokenizer_bytes, state["model"]["block_size"])
+        write_atomic(out / TOKENIZER_CONFIG, json.dumps(tokenizer_config, indent=2))
+        write_atomic(out / SPECIAL_TOKENS_MAP, json.dumps(special_tokens, indent=2))
+        eos = eos_id(tokenizer_from_bytes(tokenizer_bytes, out / TOKENIZER))
+    if recorded and not is_remote(recorded):  # a shared export names no absolute path
+        recorded = os.path.relpath(Path(recorded).resolve(), out.resolve())
+    sha256 = {name: sha256_file(out / name) for name in HASHED if (out / name).is_file()}
+    config = {**hf_config(state["model"], eos), "step": state["step"], "tokens": state.get("tokens"),
+              "data_fingerprint": state.get("data_fingerprint"), "data_path": recorded or None,
+              "checkpoint": os.path.relpath(ckpt.resolve(), out.resolve()), "engine": state["engine"]["kind"],
+              "sha256": sha256}
     write_atomic(out / CONFIG, json.dumps(config, indent=2))
     return out
 
@@ -123,7 +193,7 @@ def check_export_files(path: Path, config: dict) -> None:
     if not isinstance(recorded, dict):
         raise ExportError(f"{path / CONFIG} is garbled ('sha256' is not an object)")
     for name, digest in sorted(recorded.items()):
-        if name not in (WEIGHTS, TOKENIZER):
+        if name not in HASHED:
             raise ExportError(f"{path / CONFIG} lists an unexpected file {name!r}")
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing (listed in {CONFIG})")

@@ -302,12 +302,14 @@ def test_export_records_and_checks_its_files_and_is_readable_by_others(tmp_path,
     export = tmp_path / "export"
     assert main(["export", str(tmp_path / "r"), "--out", str(export)]) == 0
     config = json.loads((export / "config.json").read_text())
-    for name in ("model.safetensors", "tokenizer.json"):
+    files = ["model.safetensors", "tokenizer.json", "modeling_gam_pretrain.py", "tokenizer_config.json",
+             "special_tokens_map.json", "generation_config.json"]
+    for name in files:
         assert config["sha256"][name] == hashlib.sha256((export / name).read_bytes()).hexdigest()
     umask = os.umask(0o022)
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in export.iterdir()} == \
-        dict.fromkeys(["model.safetensors", "config.json", "tokenizer.json"], 0o666 & ~umask)
+        dict.fromkeys([*files, "config.json"], 0o666 & ~umask)
     weights = export / "model.safetensors"
     pristine = weights.read_bytes()
     raw = bytearray(pristine)

@@ -75,6 +75,29 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
+class DecodeCache:
+    """What decoding keeps between calls: the tokens seen so far, and one dict of state per block
+    (each family's `decode` fills its own: the conv's last inputs, attention keys and values, SSM
+    states)."""
+
+    def __init__(self, n_layers: int):
+        self.length = 0
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+
+
+def causal_conv_decode(conv: "CausalDepthwiseConv", x: torch.Tensor, state: dict, key: str) -> torch.Tensor:
+    """The causal conv of the new inputs x (B, T, C), its left context the last k - 1 inputs seen
+    (state[key]; zeros at the start, as the full forward's padding), which it then updates."""
+    k = conv.kernel_size[0]
+    past = state.get(key)
+    if past is None:
+        past = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+    window = torch.cat([past, x], dim=1)
+    state[key] = window[:, window.shape[1] - (k - 1):]
+    y = F.conv2d(window.unsqueeze(1).permute(0, 3, 1, 2), conv.weight.unsqueeze(2), conv.bias, groups=conv.groups)
+    return y.permute(0, 2, 3, 1).squeeze(1)
+
+
 class LMHeadModel(nn.Module):
     """Token (+ optional learned position) embedding -> family blocks -> final norm -> tied head.
 
@@ -104,6 +127,21 @@ class LMHeadModel(nn.Module):
         if targets is None:
             return logits
         return (logits if return_logits else None), cross_entropy(logits, targets)
+
+    def decode(self, idx: torch.Tensor, cache: "DecodeCache") -> torch.Tensor:
+        """Logits (B, T, V) of the tokens `idx` that follow the `cache.length` tokens already seen,
+        from each block's state in `cache` (which it updates): the full forward's logits at those
+        positions, at the cost of the new tokens only. A prompt goes in whole, then one token at a time."""
+        start, T = cache.length, idx.shape[1]
+        if start + T > self.cfg.block_size and self.pos_emb is not None:
+            raise ValueError(f"decoding past block_size {self.cfg.block_size}: start again from the window")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start:start + T]
+        for block, state in zip(self.blocks, cache.layers):
+            x = block.decode(x, state)
+        cache.length += T
+        return F.linear(self.final_norm(x), self.tok_emb.weight)
 
     def init_units(self) -> list[tuple[str, nn.Module]]:
         """The pieces the model is initialised in: the modules outside the blocks, then each block.

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .common import CausalDepthwiseConv, FeedForward, LMHeadModel, ModelConfig
+from .common import CausalDepthwiseConv, FeedForward, LMHeadModel, ModelConfig, causal_conv_decode
 
 Mixing = Literal["gated", "sum", "global", "local"]
 
@@ -38,9 +38,14 @@ class GAMBlock(nn.Module):
         self.ln2 = nn.LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         h = self.ln1(x)
-        local = self.conv(h) if self.conv is not None else None
+        if self.conv is None:
+            local = None
+        elif state is None:
+            local = self.conv(h)
+        else:  # decoding: the conv's left context is the last k - 1 normalized inputs (the memory read needs none)
+            local = causal_conv_decode(self.conv, h, state, "h")
         glob = torch.softmax(h @ self.memory.t(), dim=-1) @ self.memory if self.memory is not None else None
         if self.mixing == "gated":
             g_local, g_global = torch.sigmoid(self.gate(h)).chunk(2, dim=-1)
@@ -51,6 +56,9 @@ class GAMBlock(nn.Module):
             mixed = local if local is not None else glob
         x = x + self.mix_dropout(mixed)
         return x + self.ffn(self.ln2(x))
+
+    def decode(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return self.forward(x, state)
 
 
 class GAM(LMHeadModel):

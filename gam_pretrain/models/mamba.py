@@ -95,6 +95,18 @@ class MambaMixer(nn.Module):
                                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
+    def decode(self, hidden: torch.Tensor, state: dict) -> torch.Tensor:
+        """The new tokens (b, l, C) one `step` at a time from the states in `state` (zeros at the start)."""
+        if "conv" not in state:
+            b = hidden.shape[0]
+            state["conv"] = hidden.new_zeros(b, self.d_inner, self.conv1d.kernel_size[0])
+            state["ssm"] = hidden.new_zeros(b, self.d_inner, self.d_state, dtype=torch.float32)
+        outs = []
+        for hidden_t in hidden.unbind(1):
+            out_t, state["conv"], state["ssm"] = self.step(hidden_t, state["conv"], state["ssm"])
+            outs.append(out_t)
+        return torch.stack(outs, dim=1)
+
     @torch.no_grad()
     def step(self, hidden_t, conv_state, ssm_state):
         """One token of the recurrence (as mamba-ssm's decoding step).
@@ -122,6 +134,9 @@ class ResidualMambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.mixer(self.norm(x)))
+
+    def decode(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return x + self.mixer.decode(self.norm(x), state)
 
 
 class Mamba(LMHeadModel):
