@@ -69,6 +69,9 @@ def print_config_and_exit(args, cfg) -> bool:
 
 def cmd_train(args, overrides):
     cfg = run_config(args, overrides)
+    if args.cooldown_from:  # a path as given, not read as a YAML value
+        cfg.train.cooldown_from = args.cooldown_from
+        validate(cfg)
     if not print_config_and_exit(args, cfg):
         train_in_this_process(cfg)
 
@@ -177,8 +180,18 @@ def cmd_sweep(args, overrides):
     if args.list:
         for run in runs:
             print(f"{run.index}\t{run.config.train.run_name}")
-        command = shlex.join(["sbatch", f"--array=0-{len(runs) - 1}", "slurm/sweep_array.sbatch", args.spec, *overrides])
-        print(f"# {len(runs)} runs: {command}", file=sys.stderr)
+        from .sweep.runner import phases
+
+        script = ["slurm/sweep_array.sbatch", args.spec, *overrides]
+        stable, branches = (phases(runs) + [[]])[:2]
+        if not branches:
+            print(f"# {len(runs)} runs: {shlex.join(['sbatch', f'--array=0-{len(runs) - 1}', *script])}", file=sys.stderr)
+            return
+        first = shlex.join(["sbatch", "--parsable", f"--array={','.join(str(r.index) for r in stable)}", *script])
+        second = shlex.join(["sbatch", "--kill-on-invalid-dep=yes", f"--array={','.join(str(r.index) for r in branches)}",
+                             *script])
+        print(f"# {len(runs)} runs, the cooldown branches after the runs they branch from: JOB=$({first}) && "
+              f"{second.replace('sbatch ', 'sbatch --dependency=afterok:$JOB ', 1)}", file=sys.stderr)
         return
     if args.status:
         print(format_status(spec, runs))
@@ -373,6 +386,15 @@ def config_parser(sub, name: str, schema: Any, help: str, config_help: str, desc
     return p
 
 
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gam-pretrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gam-pretrain", allow_abbrev=False,
@@ -380,9 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "reads --config FILE, then dotted overrides (--section.key VALUE or section.key=VALUE); "
                     "`gam-pretrain COMMAND --help` lists its keys.",
     )
+    parser.add_argument("--version", action="version", version=f"gam-pretrain {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run_file = "YAML config (default: the dataclass defaults = the paper's setting)"
     p = config_parser(sub, "train", RunConfig(), "train one model from a YAML config plus overrides", run_file)
+    p.add_argument("--cooldown-from", metavar="CHECKPOINT",
+                   help="train.cooldown_from: a new run that branches from a wsd run's stable-phase checkpoint "
+                        "(RUN/checkpoints/step_N) and decays to train.max_steps")
     p.set_defaults(func=cmd_train)
     p = config_parser(sub, "quickstart", RunConfig(), "GAM vs Transformer vs Mamba on the embedded corpus, "
                       "with a results table", "YAML config (default: configs/quickstart.yaml)")

@@ -58,8 +58,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global L2 norm; 0 disables
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
     warmup_from_zero: bool = False  # warm-up step s trains at lr * s / warmup_steps (step 0 at lr 0), as the paper's LambdaLR; false: lr * (s + 1) / warmup_steps
-    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up: cosine decay, or constant lr
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"  # after warm-up: cosine decay; constant lr; wsd: warm-up, stable (constant lr), then linear decay over the last decay_fraction of the steps
+    min_lr_ratio: float = 0.0  # cosine and wsd decay to lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the fraction of the run's steps the final decay takes
+    decay_start: int = 0  # wsd: the step the decay starts at (0: from decay_fraction); a cooldown branch (train.cooldown_from) sets it to the step it branches at
 
 
 @dataclass
@@ -74,6 +76,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole validation split
     eval_mean: Literal["tokens", "batches"] = "tokens"  # val loss: token-weighted mean; batches: the mean of each batch's mean loss (the paper's evaluate)
     log_interval: int = 10  # steps between metrics lines (metrics.jsonl, wandb, progress bar)
+    cooldown_from: str = ""  # a checkpoint folder of a wsd run in its stable phase: this new run continues it (weights, optimizer, data position) and decays from that step to max_steps (a cooldown branch)
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: a torch.profiler trace of steps a to b (1-based) in <run dir>/profile/
     seed: int = 1337  # seeds init, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -134,6 +137,7 @@ class CheckpointConfig:
     interval_minutes: float = 0.0  # and/or every M minutes (0: off)
     keep_last: int = 2  # complete checkpoints kept, newest first
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K, forever (0: none)
+    keep_steps: list[int] = field(default_factory=list)  # also save a checkpoint at each of these steps and keep it (a sweep's cooldown branch points)
     async_save: bool = True  # periodic saves write in a background thread: a step waits only for each rank's in-memory snapshot of its state (the final and preemption saves block)
     resume: str = "auto"  # auto: latest complete checkpoint in the run dir | never | a checkpoint path
 
@@ -241,7 +245,8 @@ ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "opti
                           "optim.warmup_from_zero": False, "data.tokenizer_splits": ["train"],
                           "data.packing": "separators", "train.eval_mean": "tokens",
                           "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {},
-                          "train.profile_steps": []}
+                          "train.profile_steps": [], "optim.decay_fraction": 0.2, "optim.decay_start": 0,
+                          "train.cooldown_from": ""}
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
@@ -466,7 +471,7 @@ MUST_BE_POSITIVE = ("model.vocab_size", "model.block_size", "model.d_model", "mo
                     "model.conv_kernel", "model.n_heads", "train.batch_size", "train.grad_accum", "train.log_interval")
 MAY_BE_ZERO = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.eval_interval", "train.eval_batches",
                "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.min_lr_ratio", "optim.eps",
-               "checkpoint.interval_steps", "checkpoint.interval_minutes", "checkpoint.keep_last",
+               "optim.decay_start", "checkpoint.interval_steps", "checkpoint.interval_minutes", "checkpoint.keep_last",
                "checkpoint.keep_every", "train.micro_batch_size", "data.num_workers", "data.prep_workers", "launch.nodes",
                "launch.tasks_per_node", "launch.gpus_per_node", "launch.cpus_per_task", "launch.mem_gb",
                "launch.time_minutes", "launch.signal_delay_s", "launch.max_requeues")
@@ -537,6 +542,13 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"'optim.{key}' must be in [0, 1), got {getattr(cfg.optim, key)}")
     if cfg.optim.min_lr_ratio > 1:
         raise ConfigError(f"'optim.min_lr_ratio' must be at most 1, got {cfg.optim.min_lr_ratio}")
+    if any(step <= 0 for step in cfg.checkpoint.keep_steps):
+        raise ConfigError(f"'checkpoint.keep_steps' must hold positive steps, got {cfg.checkpoint.keep_steps}")
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"'optim.decay_fraction' must be in (0, 1], got {cfg.optim.decay_fraction}")
+    for key, value in (("optim.decay_start", cfg.optim.decay_start), ("train.cooldown_from", cfg.train.cooldown_from)):
+        if value and cfg.optim.schedule != "wsd":
+            raise ConfigError(f"'{key}' needs optim.schedule=wsd (the schedule is {cfg.optim.schedule!r})")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set 'train.max_steps' or 'train.epochs' to a positive value")
     if cfg.train.max_steps and cfg.train.stop_at_step > cfg.train.max_steps:

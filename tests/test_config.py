@@ -182,7 +182,8 @@ def test_settings_added_later_keep_older_sweep_run_names():
     other = {"model.init": "torch-default", "model.mix_dropout": False, "optim.decay": "all",
              "optim.warmup_from_zero": True, "data.tokenizer_splits": ["all"], "data.packing": "paper",
              "train.eval_mean": "batches", "train.micro_batch_size": 4, "data.mixture": {"data/a": 1.0},
-             "data.mixture_max_epochs": {"data/a": 2.0}, "train.profile_steps": [1, 2]}
+             "data.mixture_max_epochs": {"data/a": 2.0}, "train.profile_steps": [1, 2], "optim.decay_fraction": 0.5,
+             "optim.decay_start": 7, "train.cooldown_from": "runs/s/checkpoints/step_00000010"}
     assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
     for key, value in other.items():
         cfg = RunConfig()
@@ -227,3 +228,14 @@ def test_profile_steps_are_a_first_and_last_step():
     for bad in ("[5, 2]", "[0, 3]", "[3]"):
         with pytest.raises(ConfigError, match=r"'train.profile_steps' must be \[first, last\]"):
             validate(load_config(None, [f"train.profile_steps={bad}"]))
+
+
+def test_version_is_the_package_version(capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from gam_pretrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    declared = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"gam-pretrain {declared}"

@@ -189,3 +189,43 @@ def test_sweep_as_slurm_job_array_template_then_launcher(slurm_cluster, tmp_path
     assert "2 done, 1 submitted as a job array" in out.stdout and "3 done, 0 partial" in out.stdout
     again = cli("sweep", grown, "--slurm")
     assert again.returncode == 0 and "3 done, 0 submitted" in again.stdout
+
+
+def test_a_cooldown_sweep_trains_each_stable_phase_once_and_fits_every_budget(tmp_path, prepared_small):
+    """cooldowns: per width one wsd run at the largest budget; the smaller budgets branch from its
+    checkpoints where their own decay starts, train only their decay, and each end is a fit point."""
+    from gam_pretrain.sweep.report import collect
+
+    spec = write_spec(tmp_path, "wsd", data_dir=str(prepared_small.path), families=["gam"], widths=[16, 24],
+                      tokens=[6000, 12000, 18000], cooldowns=True)
+    runs = expand(load_spec(spec))
+    assert [r.branch_of is None for r in runs] == [False, False, True] * 2
+    for stable_index in (2, 5):
+        stable = runs[stable_index]
+        branches = [r for r in runs if r.branch_of == stable_index]
+        assert stable.config.optim.schedule == "wsd" and stable.config.checkpoint.keep_steps == \
+            sorted(r.branch_step for r in branches)
+        for branch in branches:
+            assert branch.config.optim.schedule == "wsd" and branch.config.optim.warmup_steps == \
+                stable.config.optim.warmup_steps
+            assert branch.config.train.cooldown_from == str(stable.run_dir / "checkpoints" /
+                                                            f"step_{branch.branch_step:08d}")
+            assert branch.describe()["trained_steps"] == branch.config.train.max_steps - branch.branch_step
+    # the branch point is by content: the same spec written elsewhere names the same runs
+    elsewhere = load_spec(spec)
+    elsewhere.out_dir = str(tmp_path / "moved")
+    assert [r.config.train.run_name for r in expand(elsewhere)] == [r.config.train.run_name for r in runs]
+
+    out = cli("sweep", spec, "--parallel", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for run in runs:
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+        assert summary["steps"] == run.config.train.max_steps
+        assert summary.get("branch_step", 0) == run.branch_step
+        if run.branch_of is not None:  # the stable phase is the stable run's, step for step
+            stable = json.loads((runs[run.branch_of].run_dir / "summary.json").read_text())
+            assert summary["loss_curve"][:run.branch_step] == stable["loss_curve"][:run.branch_step]
+    trained = sum(r.describe()["trained_steps"] for r in runs)
+    assert trained < sum(r.config.train.max_steps for r in runs)
+    points = collect(tmp_path / "wsd")
+    assert sorted((p["width"], p["D"]) for p in points) == sorted((r.width, r.describe()["tokens"]) for r in runs)

@@ -22,6 +22,18 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_schedule_warmup_stable_decay():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.2)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert [lr_at(s, 100, cfg) for s in (10, 50, 74, 75)] == [1.0] * 4  # stable until the last 25 steps
+    assert lr_at(76, 100, cfg) == pytest.approx(0.2 + 0.8 * 24 / 25)  # then linear towards lr * min_lr_ratio
+    assert lr_at(99, 100, cfg) == pytest.approx(0.2 + 0.8 / 25)
+    # a branch decaying from step 40 to 60 (optim.decay_start) ends as a 60-step run with decay_fraction 1/3
+    branch = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_start=40, min_lr_ratio=0.2)
+    whole = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=1 / 3, min_lr_ratio=0.2)
+    assert [lr_at(s, 60, branch) for s in range(60)] == [lr_at(s, 60, whole) for s in range(60)]
+
+
 def tiny_run_overrides(tmp_path, data, arch="gam", steps=40):
     return [f"model.arch={arch}", "model.vocab_size=512", "model.block_size=32", "model.d_model=32",
             "model.n_layers=2", "model.memory_slots=16", "model.n_heads=4", "model.dropout=0.0", "model.expand=2",
@@ -147,3 +159,45 @@ def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small
     train(load_config(None, base), log=lambda *a: None)
     with pytest.raises(CheckpointMismatchError, match="model.d_model=32, this run has model.d_model=48"):
         train(load_config(None, base + ["train.max_steps=4", "model.d_model=48"]), log=lambda *a: None)
+
+
+def test_a_cooldown_branch_of_a_stable_run_is_the_wsd_run_of_that_length(tmp_path, prepared_small, capsys):
+    """One stable run (wsd over 40 steps) serves a 20-step budget: branched at step 15 and decayed to
+    20, it trains exactly what a 20-step wsd run decaying over its last 5 steps trains (dropout on:
+    the random streams continue too). Stopped and resumed, a branch needs only its own checkpoints."""
+    import shutil
+
+    from gam_pretrain.cli import main
+
+    base = tiny_run_overrides(tmp_path, prepared_small) + ["optim.schedule=wsd", "model.dropout=0.1",
+                                                            "train.eval_interval=0"]
+    whole = train(load_config(None, base + ["train.max_steps=20", "optim.decay_fraction=0.25",
+                                            "train.run_name=whole"]), log=lambda *a: None)
+    stable = base + ["train.max_steps=40", "train.run_name=stable", "checkpoint.interval_steps=5",
+                     "checkpoint.keep_every=5", "train.stop_at_step=16"]
+    train(load_config(None, stable), log=lambda *a: None)
+    branch_point = tmp_path / "stable" / "checkpoints" / "step_00000015"
+    # refused in one line each: a branch point in the decay, at or past the end, of another model, not wsd
+    for extra, named in ((["--cooldown-from", str(tmp_path / "whole" / "checkpoints" / "step_00000020")],
+                          "not in its run's stable phase"),
+                         (["train.max_steps=15", "--cooldown-from", str(branch_point)], "not before this run's last"),
+                         (["model.d_model=48", "--cooldown-from", str(branch_point)], "model.d_model"),
+                         (["optim.schedule=cosine", "--cooldown-from", str(branch_point)], "optim.schedule=wsd"),
+                         (["--cooldown-from", str(tmp_path / "stable")], "not a complete checkpoint folder")):
+        capsys.readouterr()
+        assert main(["train", *base, "train.max_steps=20", "train.run_name=refused", *extra]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+    cool = [*base, "train.max_steps=20", "train.run_name=cool", "--cooldown-from", str(branch_point)]
+    assert main(["train", *cool, "train.stop_at_step=18", "checkpoint.interval_steps=1"]) == 0
+    shutil.rmtree(tmp_path / "stable")  # the branch resumes from its own checkpoint at 18
+    assert main(["train", *cool]) == 0
+    summary = json.loads((tmp_path / "cool" / "summary.json").read_text())
+    assert summary["loss_curve"] == whole.summary["loss_curve"]
+    assert summary["val_loss"] == whole.summary["val_loss"]
+    assert summary["params_checksum"] == whole.summary["params_checksum"]
+    assert summary["branch_step"] == 15 and summary["branched_from"] == str(branch_point)
+    assert [s for s, _ in complete_checkpoints(tmp_path / "cool")] == [18, 20]  # its own only
+    capsys.readouterr()  # its resolved config.yaml runs again as it is (finished: nothing to do)
+    assert main(["train", "--config", str(tmp_path / "cool" / "config.yaml")]) == 0
+    assert "finished already" in capsys.readouterr().out

@@ -64,9 +64,17 @@ def _train_one(cfg_dict: dict, threads: int) -> str:
     return str(result.run_dir)
 
 
+def phases(todo: list[SweepRun]) -> list[list[SweepRun]]:
+    """The runs in the order they can train: the runs cooldown branches start from (and every other
+    run) first, then the branches."""
+    return [phase for phase in ([r for r in todo if r.branch_of is None], [r for r in todo if r.branch_of is not None])
+            if phase]
+
+
 def run_local(spec: SweepSpec, runs: list[SweepRun], parallel: int = 1, log=print) -> list[SweepRun]:
-    """Trains every run that is not done; returns those it trained."""
-    todo = [r for r in runs if run_state(r)["state"] != "done"]
+    """Trains every run that is not done (cooldown branches after the runs they branch from);
+    returns those it trained."""
+    todo = [r for phase in phases([r for r in runs if run_state(r)["state"] != "done"]) for r in phase]
     log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to train "
         f"({parallel} at a time)")
     if not todo:
@@ -83,10 +91,13 @@ def run_local(spec: SweepSpec, runs: list[SweepRun], parallel: int = 1, log=prin
         return todo
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")  # no forking of a process that already holds torch threads
+    done = 0
     with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
-        futures = {pool.submit(_train_one, to_dict(r.config), threads): r for r in todo}
-        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            log(f"[{i}/{len(todo)}] {Path(future.result()).name} done")
+        for phase in phases(todo):
+            futures = {pool.submit(_train_one, to_dict(r.config), threads): r for r in phase}
+            for future in concurrent.futures.as_completed(futures):
+                done += 1
+                log(f"[{done}/{len(todo)}] {Path(future.result()).name} done")
     return todo
 
 
@@ -115,12 +126,22 @@ def run_slurm(spec: SweepSpec, runs: list[SweepRun], dry_run: bool = False, log=
     if not todo:
         return []
     prepare_data(spec, todo, log=log)
-    jobs = submit_to_slurm("sweep job array", lambda: map_array(executor, run_array_job, [to_dict(r.config) for r in todo]))
     record = Path(spec.out_dir) / "launch.json"
-    entries = read_json(record) if record.is_file() else []
-    entries.append({"array_job_id": str(jobs[0].job_id).split("_")[0], "runs": [r.config.train.run_name for r in todo]})
-    write_atomic(record, json.dumps(entries, indent=1))
-    log(f"submitted job array {entries[-1]['array_job_id']} ({len(todo)} tasks); logs in {folder}")
+    jobs, after = [], None
+    for phase in phases(todo):  # cooldown branches: a second array, started when the first has finished
+        if after:
+            executor.update_parameters(additional_parameters={**executor.parameters["additional_parameters"],
+                                                              "dependency": f"afterok:{after}",
+                                                              "kill-on-invalid-dep": "yes"})
+        submitted = submit_to_slurm("sweep job array",
+                                    lambda: map_array(executor, run_array_job, [to_dict(r.config) for r in phase]))
+        after = str(submitted[0].job_id).split("_")[0]
+        entries = read_json(record) if record.is_file() else []
+        entries.append({"array_job_id": after, "runs": [r.config.train.run_name for r in phase]})
+        write_atomic(record, json.dumps(entries, indent=1))
+        log(f"submitted job array {after} ({len(phase)} tasks){' after ' + jobs[0].job_id.split('_')[0] if jobs else ''}"
+            f"; logs in {folder}")
+        jobs += submitted
     return jobs
 
 

@@ -9,6 +9,8 @@
     flops: [1.0e11, 3.0e11]         # isoFLOP budgets: each rung trains C / (FLOPs per token) tokens
     lr: {rule: scaled, value: 3.0e-3, base_width: 64}   # constant | scaled (value * base_width / width) | grid
     seeds: [1337]
+    cooldowns: false                # true: wsd; per family, width, lr and seed one run at the largest budget,
+                                    # every smaller budget a cooldown branch of it (see SweepSpec.cooldowns)
     out_dir: runs/sweeps/tiny-cpu
 
 A run's directory name ends in a hash of everything that shapes its result (model, data, optimizer,
@@ -28,6 +30,8 @@ from typing import Literal
 
 from ..config import (ConfigError, RunConfig, apply_dict, check_plain_text, read_yaml_mapping, to_dict, validate,
                       without_later_defaults)
+from ..train.checkpoint import checkpoint_dir
+from ..train.schedule import decay_start
 from .ladder import FAMILIES, Rung, measure, rung_config
 
 
@@ -53,6 +57,7 @@ class SweepSpec:
     out_dir: str = ""  # default: runs/sweeps/<name>
     checkpoints_per_run: int = 4  # a checkpoint every 1/k of a run's steps (for resuming)
     warmup_fraction: float = 0.1  # warm-up = min(run.optim.warmup_steps, this fraction of the run)
+    cooldowns: bool = False  # every run wsd (run.optim.decay_fraction); per family, width, lr and seed the largest budget trains whole and keeps a checkpoint where each smaller budget's decay starts, and each smaller budget is a cooldown branch from there (train.cooldown_from): its stable phase is not trained again
 
 
 @dataclass
@@ -67,6 +72,8 @@ class SweepRun:
     rung: Rung
     config: RunConfig
     run_id: str
+    branch_of: int | None = None  # cooldowns: the index of the run this one branches from (it trains after it)
+    branch_step: int = 0  # cooldowns: the step it branches at
 
     @property
     def run_dir(self) -> Path:
@@ -77,7 +84,10 @@ class SweepRun:
                 "budget": self.budget, "lr": self.lr, "seed": self.seed, "run_id": self.run_id,
                 "params": self.rung.params, "non_embedding_params": self.rung.non_embedding_params,
                 "flops_per_token": self.rung.flops_per_token, "steps": self.config.train.max_steps,
-                "tokens": self.config.train.max_steps * self.config.tokens_per_step()}
+                "tokens": self.config.train.max_steps * self.config.tokens_per_step(),
+                # the steps this run trains itself: a cooldown branch starts where its stable run's decay would
+                "trained_steps": self.config.train.max_steps - self.branch_step,
+                **({"branch_of": self.branch_of, "branch_step": self.branch_step} if self.branch_of is not None else {})}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -125,9 +135,11 @@ def learning_rates(spec: SweepSpec, width: int) -> list[float]:
     return [spec.lr.value]
 
 
-def content_hash(cfg: RunConfig) -> str:
-    """Everything that shapes the result; not where it is written, how it is logged or launched."""
+def content_hash(cfg: RunConfig, extra: dict | None = None) -> str:
+    """Everything that shapes the result; not where it is written, how it is logged or launched (and
+    `extra`: what else the run must hold, such as a stable run's branch checkpoints)."""
     key = without_later_defaults(to_dict(cfg))  # sweeps expanded before a setting existed keep their names
+    key.update(extra or {})
     for section, names in {"train": ("out_dir", "run_name", "progress", "log_interval", "peak_flops", "device", "accel"),
                            "data": ("cache_dir", "prep_if_missing", "prep_workers", "num_workers", "log_sample_ids")}.items():
         for name in names:
@@ -162,7 +174,49 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
                         cfg.checkpoint = dataclasses.replace(
                             cfg.checkpoint, interval_steps=max(1, steps // max(spec.checkpoints_per_run, 1)),
                             resume="auto")
-                        run_id = content_hash(cfg)
-                        cfg.train.run_name = f"{family}-d{width}-{_label(kind, budget)}-lr{lr:.3g}-s{seed}-{run_id}"
-                        runs.append(SweepRun(len(runs), family, width, kind, budget, lr, seed, rung, cfg, run_id))
+                        runs.append(SweepRun(len(runs), family, width, kind, budget, lr, seed, rung, cfg, ""))
+    branches = cooldown_branches(runs) if spec.cooldowns else {}
+    for run in sorted(runs, key=lambda r: r.index in branches):  # a branch names the run it branches from
+        hashed = run.config
+        if run.index in branches:
+            stable, run.branch_step = branches[run.index]
+            run.branch_of = stable.index
+            run.config.train.cooldown_from = str(checkpoint_dir(stable.run_dir, run.branch_step))
+            hashed = copy.deepcopy(run.config)  # the branch point by content, not by where the sweep is written
+            hashed.train.cooldown_from = f"{stable.run_id}/{run.branch_step}"
+        # a stable run holds the checkpoints its branches start from: another set of branches, another run
+        branch_steps = run.config.checkpoint.keep_steps
+        run.run_id = content_hash(hashed, {"cooldown_branch_steps": branch_steps} if branch_steps else None)
+        run.config.train.run_name = (f"{run.family}-d{run.width}-{_label(kind, run.budget)}-lr{run.lr:.3g}-s{run.seed}-"
+                                     f"{run.run_id}")
     return runs
+
+
+def cooldown_branches(runs: list[SweepRun]) -> dict[int, tuple[SweepRun, int]]:
+    """cooldowns: makes every run wsd, and returns {index of a branch: (the run it branches from, the
+    step it branches at)}. In each (family, width, lr, seed) the run of the most steps trains whole and
+    keeps a checkpoint at each branch step; every other run branches where its own decay starts. All of
+    a group warm up as its shortest run does, so that every branch starts in the stable phase."""
+    groups: dict[tuple, list[SweepRun]] = {}
+    for run in runs:
+        groups.setdefault((run.family, run.width, run.lr, run.seed), []).append(run)
+    branches = {}
+    for group in groups.values():
+        warmup = min(r.config.optim.warmup_steps for r in group)
+        for run in group:
+            run.config.optim = dataclasses.replace(run.config.optim, schedule="wsd", warmup_steps=warmup)
+        stable = max(group, key=lambda r: r.config.train.max_steps)
+        keep = set()
+        for run in group:
+            steps = run.config.train.max_steps
+            if steps == stable.config.train.max_steps:
+                continue  # the stable run itself, or a budget that rounds to its length: trained whole
+            step = decay_start(steps, run.config.optim)
+            if step <= warmup:
+                raise ConfigError(f"cooldowns: the {run.budget_kind} budget {run.budget:g} of {run.family} width "
+                                  f"{run.width} is {steps} steps, too short to branch after the {warmup}-step warm-up; "
+                                  "drop it or raise the budgets")
+            branches[run.index] = (stable, step)
+            keep.add(step)
+        stable.config.checkpoint = dataclasses.replace(stable.config.checkpoint, keep_steps=sorted(keep))
+    return branches

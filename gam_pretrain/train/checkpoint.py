@@ -14,7 +14,7 @@ shard, fsynced); rank 0 adds trainer_state.json; every rank hashes its share of 
 writes them into files.json, writes the COMPLETE marker, then renames the folder into place. With
 checkpoint.async_save the writing, hashing and sealing run in a background thread after each rank
 has snapshotted its state into memory (Checkpointer). Old checkpoints are pruned to the newest `keep_last` at or below the step just
-saved, plus every multiple of `keep_every`.
+saved, plus every multiple of `keep_every` and every step of `keep_steps`.
 
 Before anything in a checkpoint is read, `verify_checkpoint` checks every file against files.json:
 a missing, changed or extra file is refused in one line naming it. Checkpoints written before
@@ -62,6 +62,11 @@ class CheckpointMismatchError(ValueError):
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where a run's complete checkpoint of `step` lives."""
+    return checkpoint_root(run_dir) / f"step_{step:08d}"
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -189,9 +194,9 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: Path, engine, dist: DistInfo, keep_last: int = 2, keep_every: int = 0,
-                 async_save: bool = False):
+                 async_save: bool = False, keep_steps: tuple[int, ...] = ()):
         self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
-        self.keep_last, self.keep_every = keep_last, keep_every
+        self.keep_last, self.keep_every, self.keep_steps = keep_last, keep_every, tuple(keep_steps)
         self.group = tdist.new_group(backend="gloo") if async_save and tdist.is_initialized() else None
         device = getattr(engine, "device", None)
         on_gpu = device is not None and device.type == "cuda"
@@ -203,7 +208,7 @@ class Checkpointer:
     def save(self, step: int, trainer_state: dict, blocking: bool = False) -> Path:
         """Checkpoint `step` (collective); returns the folder it is (or will be) complete in."""
         self.wait()
-        final = checkpoint_root(self.run_dir) / f"step_{step:08d}"
+        final = checkpoint_dir(self.run_dir, step)
         partial = final.with_name(final.name + ".partial")
         if self.dist.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -229,7 +234,7 @@ class Checkpointer:
                     seal(partial, step, digests)
                     _put_in_place(partial, final)
                     _fsync_dir(final.parent)
-                    prune(self.run_dir, self.keep_last, self.keep_every, step)
+                    prune(self.run_dir, self.keep_last, self.keep_every, step, self.keep_steps)
                 except Exception as e:  # noqa: BLE001
                     error = e
             self._every_rank_succeeded(error, partial)
@@ -298,8 +303,9 @@ def seal(folder: Path, step: int, digests: dict[str, str] | None = None) -> None
     write_atomic(folder / COMPLETE, f"step {step}\n{MANIFEST} {hashlib.sha256(manifest.encode()).hexdigest()}\n")
 
 
-def prune(run_dir: Path, keep_last: int, keep_every: int, saved_step: int) -> None:
-    """Keep the newest `keep_last` checkpoints at or below `saved_step` and every multiple of keep_every.
+def prune(run_dir: Path, keep_last: int, keep_every: int, saved_step: int, keep_steps: tuple[int, ...] = ()) -> None:
+    """Keep the newest `keep_last` checkpoints at or below `saved_step`, every multiple of keep_every
+    and every step of keep_steps.
 
     Checkpoints beyond the step just saved are left alone: they are damaged ones that a resume
     skipped (or ones an explicit resume went back from), and counting them as the newest would
@@ -308,7 +314,7 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, saved_step: int) -> No
     found = [(step, path) for step, path in complete_checkpoints(run_dir) if step <= saved_step]
     newest = {step for step, _ in found[-max(keep_last, 1):]}
     for step, path in found:
-        if step not in newest and not (keep_every and step % keep_every == 0):
+        if step not in newest and step not in keep_steps and not (keep_every and step % keep_every == 0):
             shutil.rmtree(path)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -21,18 +22,21 @@ import torch
 import torch.distributed as tdist
 
 from ..accel import apply_accel
-from ..config import RunConfig, batch_layout, dump_yaml, to_dict, validate
+from ..config import ConfigError, OptimConfig, RunConfig, batch_layout, dump_yaml, to_dict, validate, without_later_defaults
 from ..data import ShardLoader, ShardSet
 from ..data.cache import check_data_available, open_mixture_sources, open_training_data
 from ..data.mixture import MixtureLoader
 from ..eval.perplexity import evaluate
 from ..models import build_model
-from .checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint
+from .checkpoint import (
+    CheckpointError, CheckpointMismatchError, Checkpointer, find_resume_checkpoint, load_checkpoint, verify_checkpoint,
+)
 from .distributed import DistInfo, barrier, decided_on_main, init_distributed, require_process_group
 from .engines import Engine, build_model_and_engine, model_state_bytes
 from .metrics import MetricsLogger, duration, progress_line
 from .perf import StepProfiler, peak_flops
 from .preemption import Preempted, PreemptionFlag
+from .schedule import decay_start
 from .summary import SUMMARY, read_summary, write_summary
 
 LOCK = ".lock"
@@ -157,6 +161,31 @@ def agree(flags: list[bool], device: torch.device, dist: DistInfo) -> list[bool]
     return [bool(x) for x in t.tolist()]
 
 
+# what a cooldown branch keeps of the stable run's optimizer settings (its schedule, length and decay
+# may differ: the branch decays from where it starts)
+BRANCH_KEEPS = ("lr", "warmup_steps", "warmup_from_zero", "decay")
+
+
+def cooldown_branch(path: Path, log) -> tuple[Path, dict]:
+    """The checkpoint a cooldown branch starts from and its trainer state, refused in one line unless
+    it is a complete checkpoint of a constant or wsd run taken in its stable phase (at the full rate)."""
+    if not (path / "COMPLETE").is_file():
+        raise CheckpointError(f"train.cooldown_from {path} is not a complete checkpoint folder (a run's "
+                              "checkpoints/step_N)")
+    state = verify_checkpoint(path, log)
+    optim = state.get("optim") or {}
+    if optim.get("schedule") not in ("constant", "wsd"):
+        raise CheckpointMismatchError(f"train.cooldown_from {path}: its run's schedule is {optim.get('schedule')!r}; "
+                                      "branch from a constant or wsd run")
+    stable = OptimConfig(**{k: v for k, v in optim.items() if k in OptimConfig.__dataclass_fields__})
+    step = state["step"]
+    end = decay_start(state["total_steps"], stable) if stable.schedule == "wsd" else state["total_steps"]
+    if not stable.warmup_steps <= step <= end:
+        raise CheckpointMismatchError(f"train.cooldown_from {path}: step {step} is not in its run's stable phase "
+                                      f"(steps {stable.warmup_steps} to {end})")
+    return path, state
+
+
 def train(cfg: RunConfig, log=print) -> RunResult:
     validate(cfg)
     probe = resolve_device(cfg.train.device)
@@ -167,6 +196,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     check_data_available(cfg.data, cfg.model)
     # rank 0 opens (and, with data.prep_if_missing, preps) and checks the data; its error stops every rank
     data = decided_on_main(lambda: open_training_data(cfg.data, cfg.model, log=say), dist)
+
+    if cfg.train.cooldown_from:  # its decay start is set below, once the branch point is known
+        cfg = copy.deepcopy(cfg)
 
     seed_everything(cfg.train.seed)
     engine = build_model_and_engine(cfg, device, dist, accel=lambda m: apply_accel(m, cfg.train.accel, device))
@@ -204,16 +236,34 @@ def train(cfg: RunConfig, log=print) -> RunResult:
     eval_batches = t.eval_batches * (one_rank_micro // eval_batch)
     run_dir = make_run_dir(cfg, dist)
     with run_dir_lock(run_dir, dist, say):
+        # rank 0 verifies the candidates (hashing their files once) and every rank gets its choice
+        found = decided_on_main(lambda: find_resume_checkpoint(run_dir, cfg.checkpoint.resume, log=say), dist)
+        branch = None
+        if cfg.train.cooldown_from and not found:  # a branch resumed from its own checkpoint needs no other
+            branch = decided_on_main(lambda: cooldown_branch(Path(cfg.train.cooldown_from), say), dist)
+            if branch[1]["step"] >= total_steps:
+                raise ConfigError(f"train.cooldown_from {branch[0]} is at step {branch[1]['step']}, not before this "
+                                  f"run's last step {total_steps} (train.max_steps)")
+            if cfg.optim.decay_start not in (0, branch[1]["step"]):
+                raise ConfigError(f"'optim.decay_start' is {cfg.optim.decay_start}, but train.cooldown_from branches "
+                                  f"at step {branch[1]['step']}: leave optim.decay_start unset")
+            cfg.optim.decay_start = branch[1]["step"]  # the engine's schedule reads it (the same config object)
+        elif cfg.train.cooldown_from and not cfg.optim.decay_start:
+            cfg.optim.decay_start = found[1].get("optim", {}).get("decay_start", 0)
         o = cfg.optim
+        if o.schedule == "wsd" and o.decay_start and not o.warmup_steps <= o.decay_start < total_steps:
+            raise ConfigError(f"'optim.decay_start' {o.decay_start} must lie between the warm-up's end "
+                              f"({o.warmup_steps}) and the last step ({total_steps})")
         # what a resume must keep; the world size and the micro-batches may change (see data/shards.py)
         fingerprints = {"data_fingerprint": loader.fingerprint if cfg.data.mixture else data.fingerprint, "model": to_dict(cfg.model),
                         "engine": to_dict(cfg.engine), "global_batch": layout.global_batch,
                         # what the learning-rate schedule depends on: a resume must not change it
                         "total_steps": total_steps, "optim": {"lr": o.lr, "warmup_steps": o.warmup_steps,
                                                               "warmup_from_zero": o.warmup_from_zero, "decay": o.decay,
-                                                              "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}}
-        # rank 0 verifies the candidates (hashing their files once) and every rank gets its choice
-        found = decided_on_main(lambda: find_resume_checkpoint(run_dir, cfg.checkpoint.resume, log=say), dist)
+                                                              "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio,
+                                                              **without_later_defaults(
+                                                                  {"decay_fraction": o.decay_fraction,
+                                                                   "decay_start": o.decay_start}, "optim.")}}
         resume_from = found[0] if found else None
         start_step, history, train_seconds = 0, [], 0.0
         if found:
@@ -224,11 +274,23 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                 say(f"{run_dir} has finished already ({run_dir / SUMMARY}); nothing to do")
                 return RunResult(run_dir, read_summary(run_dir), engine.eval_model(), data, engine)
             say(f"resumed from {resume_from} at step {start_step}")
+        elif branch:
+            path, state = branch
+            # the stable run's state, checked against this run's: the same data, model, engine and global
+            # batch, and the optimizer settings a branch keeps (its length and decay are its own)
+            kept = {**fingerprints, "optim": {k: fingerprints["optim"][k] for k in BRANCH_KEEPS}}
+            seen = {**state, "total_steps": total_steps, "optim": {k: state["optim"].get(k) for k in BRANCH_KEEPS}}
+            load_checkpoint(path, engine, dist, seen, expect=kept)
+            loader.load_state_dict(state["loader"])
+            start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+            say(f"cooldown branch from {path}: steps {start_step + 1}-{total_steps} decay to "
+                f"{o.lr * o.min_lr_ratio:g}")
         if dist.is_main:
             dump_yaml(cfg, run_dir / "config.yaml")
             record_attempt(run_dir, {"event": "start", "start_step": start_step, "total_steps": total_steps,
                                      "tokens_per_step": tokens_per_step, "world_size": dist.world_size,
-                                     "resumed_from": str(resume_from) if resume_from else None})
+                                     "resumed_from": str(resume_from) if resume_from else None,
+                                     **({"branched_from": str(branch[0])} if branch else {})})
         metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
         peak = peak_flops(device, t.peak_flops)
         say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} "
@@ -243,7 +305,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                     "micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum, **fingerprints}
 
         c = cfg.checkpoint
-        checkpointer = Checkpointer(run_dir, engine, dist, c.keep_last, c.keep_every, c.async_save)
+        checkpointer = Checkpointer(run_dir, engine, dist, c.keep_last, c.keep_every, c.async_save, c.keep_steps)
 
         def checkpoint(step: int, blocking: bool = False) -> Path:
             return checkpointer.save(step, trainer_state(step), blocking=blocking)
@@ -310,7 +372,7 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                     window_start = time.perf_counter()
                 if done == total_steps:
                     break
-                due_steps = bool(c.interval_steps) and done % c.interval_steps == 0
+                due_steps = (bool(c.interval_steps) and done % c.interval_steps == 0) or done in c.keep_steps
                 due_time = bool(c.interval_minutes) and time.monotonic() - last_save >= 60 * c.interval_minutes
                 preempt, due_time = agree([preemption.requested, due_time], device, dist)
                 if due_steps or due_time or preempt:
@@ -359,6 +421,9 @@ def train(cfg: RunConfig, log=print) -> RunResult:
             "model_state_bytes_per_rank": [int(b) for b in state_bytes],
             "checkpoint": str(final), "params_checksum": params_checksum(full) if dist.is_main else None,
             "loss_curve": history, **tokens_by_source(total_steps),
+            # a cooldown branch: the steps before it were the stable run's (its compute is theirs)
+            **({"branch_step": cfg.optim.decay_start, "branched_from": cfg.train.cooldown_from}
+               if cfg.train.cooldown_from else {}),
         }
         if dist.is_main:
             write_summary(run_dir, summary)

@@ -1,9 +1,18 @@
-"""Learning-rate schedule: linear warm-up, then cosine (or constant) decay."""
+"""Learning-rate schedule: linear warm-up, then cosine decay, a constant rate, or warmup-stable-decay
+(WSD: constant, then a linear decay over the last steps; a cooldown branch decays from the step it
+branches at, so one stable run serves many token budgets)."""
 from __future__ import annotations
 
 import math
 
 from ..config import OptimConfig
+
+
+def decay_start(total_steps: int, cfg: OptimConfig) -> int:
+    """wsd: the first step of the decay (optim.decay_start, else the last decay_fraction of the steps)."""
+    if cfg.decay_start:
+        return cfg.decay_start
+    return max(cfg.warmup_steps, total_steps - max(1, round(cfg.decay_fraction * total_steps)))
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -13,7 +22,15 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr * (step if cfg.warmup_from_zero else step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = decay_start(total_steps, cfg)
+        if step < start:
+            return cfg.lr
+        # step start trains at the full rate and the last step (total_steps - 1) at 1/length of it, as
+        # the warm-up's first step does: no step is spent at min_lr when min_lr is 0
+        length = max(1, total_steps - start)
+        return min_lr + (cfg.lr - min_lr) * (1.0 - (step - start) / length)
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
