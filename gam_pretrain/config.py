@@ -171,7 +171,7 @@ class LaunchConfig:
     array_parallelism: int = 16  # array tasks running at once
     sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options, "--name=value" or "--flag"
     setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load, source venv): shell code by design
-    python: str = ""  # interpreter on the compute nodes; default: the one running `launch`
+    python: str = ""  # interpreter on the compute nodes; default: `python` when a setup line activates an environment (source .../activate, conda activate), else the one running `launch`
 
     @property
     def ranks_per_node(self) -> int:

@@ -269,3 +269,19 @@ def test_launch_quotes_names_and_status_reports_the_run(slurm_cluster, prepared_
     status = cli("status", run)
     assert status.returncode == 0, status.stderr
     assert "COMPLETED" in status.stdout and "30 / 30" in status.stdout and "finished" in status.stdout
+
+
+def test_a_setup_line_that_activates_an_environment_runs_its_python(tmp_path):
+    """launch.setup sourcing a venv (or conda activate) makes srun run that environment's `python`;
+    other setup lines keep the launcher's interpreter, and launch.python wins over both."""
+    from gam_pretrain.config import LaunchConfig
+    from gam_pretrain.launch.submit import make_executor, render_script
+
+    def srun_line(**launch) -> str:
+        script = render_script(make_executor(LaunchConfig(**launch), tmp_path, "job", 1, dry_run=True))
+        return next(line for line in script.splitlines() if line.startswith("srun "))
+
+    assert " python -u -m submitit" in srun_line(setup=["source ~/gam/.venv/bin/activate"])
+    assert " python -u -m submitit" in srun_line(setup=["module load cuda/12", "conda activate gam"])
+    assert f" {sys.executable} -u -m submitit" in srun_line(setup=["module load cuda/12"])
+    assert " /opt/py/bin/python -u -m submitit" in srun_line(setup=["conda activate gam"], python="/opt/py/bin/python")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -77,6 +78,16 @@ NO_SBATCH = ("sbatch not found: SLURM is not installed here or not on PATH. "
              "Use --launch.cluster local to run on this machine, or launch from a SLURM login node.")
 
 
+ACTIVATES = re.compile(r"(^|[\s;&|(])(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
+
+
+def activates_environment(setup: list[str]) -> bool:
+    """Whether a launch.setup line activates a Python environment (a venv's `source .../activate`,
+    `conda activate`, ...): the job then runs the `python` that environment puts on PATH, not the
+    absolute interpreter of the machine that launched it (launch.python overrides both)."""
+    return any(ACTIVATES.search(line) for line in setup)
+
+
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str, ntasks_per_node: int, extra: dict | None = None,
                   dry_run: bool = False):
     import submitit
@@ -100,7 +111,7 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str, ntasks_per_
 
     params = slurm_parameters(launch, job_name, ntasks_per_node, extra)
     check_script_values(params, folder, launch.python)
-    python = shlex.quote(launch.python) if launch.python else None
+    python = shlex.quote(launch.python) if launch.python else ("python" if activates_environment(launch.setup) else None)
     executor = (RenderOnly if dry_run else submitit.SlurmExecutor)(folder=folder, python=python)
     executor.update_parameters(**params)
     return executor
