@@ -147,6 +147,7 @@ class LoggingConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode (offline: synced later with `wandb sync`)
     wandb_project: str = "gam-pretrain"  # wandb project name
     wandb_entity: str = ""  # wandb team or user; empty: your default
+    tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard (pip install 'gam-pretrain[tensorboard]')
 
 
 @dataclass
@@ -542,6 +543,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"'optim.{key}' must be in [0, 1), got {getattr(cfg.optim, key)}")
     if cfg.optim.min_lr_ratio > 1:
         raise ConfigError(f"'optim.min_lr_ratio' must be at most 1, got {cfg.optim.min_lr_ratio}")
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard needs the tensorboard package: pip install 'gam-pretrain[tensorboard]', "
+                          "or set logging.tensorboard=false")
     if any(step <= 0 for step in cfg.checkpoint.keep_steps):
         raise ConfigError(f"'checkpoint.keep_steps' must hold positive steps, got {cfg.checkpoint.keep_steps}")
     if not 0 < cfg.optim.decay_fraction <= 1:

@@ -162,6 +162,27 @@ def test_fitter_refuses_too_few_points(tmp_path):
     assert out.returncode == 2 and "no finished runs" in out.stderr
 
 
+def test_the_report_flags_an_estimate_outside_its_interval_and_marks_extrapolation(monkeypatch):
+    """The fit's text names every compute-optimal row beyond the largest run as extrapolated, and a
+    parameter whose full-data estimate lies outside its percentile interval as a warning."""
+    from gam_pretrain.sweep import report
+
+    N, D, L = synthetic(CHINCHILLA, 0.01)
+    points = [{"family": "gam", "width": int(n), "budget_kind": "tokens", "budget": float(d), "N": float(n),
+               "D": float(d), "C": 6 * float(n) * float(d), "flops_per_token": 6 * float(n), "loss": float(loss),
+               "seeds": 1} for n, d, loss in zip(N, D, L)]
+    intervals = {k: [getattr(CHINCHILLA, k) * 0.9, getattr(CHINCHILLA, k) * 1.1] for k in ("E", "A", "B", "beta")}
+    intervals["alpha"] = [CHINCHILLA.alpha + 0.1, CHINCHILLA.alpha + 0.2]  # the estimate below its interval
+    monkeypatch.setattr(report, "fit_law", lambda *a, **k: {"law": CHINCHILLA, "intervals": intervals,
+                                                           "bootstrap_laws": [CHINCHILLA] * 5,
+                                                           "rms_log_residual": 0.0, "points": len(points)})
+    result = report.fit_sweep(points, bootstrap=5)
+    text = report.format_report(result)
+    assert "the fitted alpha lie(s) outside their bootstrap interval (percentile method" in text
+    rows = [line for line in text.splitlines() if line.strip() and line.strip()[0].isdigit()]
+    assert sum(row.endswith("extrapolated") for row in rows) == sum(r["extrapolated"] for r in result["comparison"]) > 0
+
+
 def test_isoflop_minimum_of_a_parabola():
     N = np.logspace(6, 8, 5)
     L = 2.0 + 0.1 * (np.log(N) - np.log(3e7)) ** 2
@@ -218,6 +239,8 @@ def test_a_cooldown_sweep_trains_each_stable_phase_once_and_fits_every_budget(tm
 
     out = cli("sweep", spec, "--parallel", "2")
     assert out.returncode == 0, out.stdout + out.stderr
+    progress = [line for line in out.stdout.splitlines() if " done: " in line and ", val loss " in line]
+    assert len(progress) == len(runs)  # a line per finished run, with its steps, loss and time
     for run in runs:
         summary = json.loads((run.run_dir / "summary.json").read_text())
         assert summary["steps"] == run.config.train.max_steps

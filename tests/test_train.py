@@ -82,15 +82,15 @@ def test_data_that_does_not_fit_the_model_is_refused(prepared_small):
 
 def test_a_run_logged_to_a_file_gives_one_plain_line_per_interval_and_a_final_line(tmp_path, prepared_small):
     """stdout to a file, as a SLURM job's: no progress bar (no carriage returns), a line per log
-    interval, and a final line with the validation loss, the tokens and the run dir; and the
-    profiler trace train.profile_steps asks for."""
+    interval, and a final line with the validation loss, the tokens and the run dir; the profiler
+    trace train.profile_steps asks for; and TensorBoard's events holding metrics.jsonl's numbers."""
     import subprocess
     import sys
 
     overrides = [o for o in tiny_run_overrides(tmp_path, prepared_small, steps=20) if o != "train.progress=false"]
     with open(tmp_path / "job.out", "w") as out:
         done = subprocess.run([sys.executable, "-m", "gam_pretrain", "train", *overrides, "train.run_name=logged",
-                               "train.profile_steps=[3, 4]"],
+                               "train.profile_steps=[3, 4]", "logging.tensorboard=true"],
                               stdout=out, stderr=subprocess.STDOUT, timeout=600)
     text = (tmp_path / "job.out").read_text()
     assert done.returncode == 0, text[-2000:]
@@ -105,6 +105,16 @@ def test_a_run_logged_to_a_file_gives_one_plain_line_per_interval_and_a_final_li
     trace = json.loads((tmp_path / "logged" / "profile" / "steps_3-4_rank00000.json").read_text())
     assert any("aten::" in event.get("name", "") for event in trace["traceEvents"])
     assert f"profile of steps 3-4: {tmp_path / 'logged' / 'profile'}" in text
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(tmp_path / "logged" / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
+    want = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    got = events.Scalars("loss")
+    assert [e.step for e in got] == [step for step, _ in want]
+    assert [e.value for e in got] == pytest.approx([loss for _, loss in want], rel=1e-6)
+    assert [e.value for e in events.Scalars("val_loss")] == pytest.approx([summary["val_loss"]], rel=1e-6)
+    assert "memory_mb/rank0" in events.Tags()["scalars"]
 
 
 def test_cli_refuses_mismatched_vocab_at_start(tmp_path, prepared_small, capsys):

@@ -20,6 +20,14 @@ def _plt():
     return plt
 
 
+def shade_extrapolation(ax, result: dict) -> None:
+    """Grey over the compute beyond the largest run: what the law says there is extrapolated."""
+    beyond = [row["C"] for row in result["comparison"] if row["extrapolated"]]
+    if beyond:
+        largest = max(row["C"] for row in result["comparison"] if not row["extrapolated"])
+        ax.axvspan(largest, max(beyond), color="grey", alpha=0.12, lw=0, label="extrapolated")
+
+
 def plot_all(result: dict, out_dir: Path) -> list[Path]:
     plt = _plt()
     paths = []
@@ -34,6 +42,7 @@ def plot_all(result: dict, out_dir: Path) -> list[Path]:
             opt = entry["compute_optimal"]
             ax.plot([o["C"] for o in opt], [o["loss"] for o in opt], color=COLORS.get(family),
                     label=f"{family} fitted frontier")
+    shade_extrapolation(ax, result)
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs, architecture-aware)",
            ylabel="validation loss", title="Loss vs compute")
     ax.legend(fontsize=8)
@@ -85,6 +94,8 @@ def plot_all(result: dict, out_dir: Path) -> list[Path]:
             if opt[0][f"{key}_interval"]:
                 ax.fill_between(c, [o[f"{key}_interval"][0] for o in opt], [o[f"{key}_interval"][1] for o in opt],
                                 color=COLORS.get(family), alpha=0.2)
+    for ax in (ax_n, ax_d):
+        shade_extrapolation(ax, result)
     ax_n.set(xscale="log", yscale="log", xlabel="compute C", ylabel="compute-optimal N*", title="Fitted frontier: N*")
     ax_d.set(xscale="log", yscale="log", xlabel="compute C", ylabel="compute-optimal D* (tokens)",
              title="Fitted frontier: D*")

@@ -91,6 +91,11 @@ def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: flo
                             "points for a law; add sizes, budgets or seeds")
         if law.E < 0.1 * float(L.min()):
             warnings.append(f"E = {law.E:.3g} is far below every loss seen: the irreducible term is not identified")
+        outside = [k for k, (lo, hi) in fitted["intervals"].items() if not lo <= getattr(law, k) <= hi]
+        if outside:
+            warnings.append(f"the fitted {', '.join(outside)} lie(s) outside their bootstrap interval (percentile "
+                            f"method, {len(fitted['bootstrap_laws'])} resamples): the resamples' fits disagree with the "
+                            "full fit; the law is not stable (add points, or more --bootstrap)")
         entry["warnings"] = warnings
         entry.update({"law": fitted["law"].as_dict(), "intervals": fitted["intervals"], "flops_per_token_model":
                       {"c": flops[0], "gamma": flops[1]}, "rms_log_residual": fitted["rms_log_residual"],
@@ -122,11 +127,13 @@ def format_report(result: dict) -> str:
                      f"{show('alpha')} {show('beta')}  (rms log residual {entry['rms_log_residual']:.4f}, "
                      f"{len(entry['points'])} points)")
         lines += [f"  warning: {w}" for w in entry["warnings"]]
-        lines.append(f"  {'compute C':>10s} {'N*':>10s} {'95% interval':>23s} {'D*':>10s} {'95% interval':>23s} {'loss':>7s}")
-        for o in entry["compute_optimal"]:
+        lines.append(f"  {'compute C':>10s} {'N*':>10s} {'95% interval':>23s} {'D*':>10s} {'95% interval':>23s} {'loss':>7s}"
+                     "  (intervals: percentile bootstrap)")
+        for o, row in zip(entry["compute_optimal"], result["comparison"]):
             ni = f"[{o['N_interval'][0]:.3g}, {o['N_interval'][1]:.3g}]" if o["N_interval"] else "-"
             di = f"[{o['D_interval'][0]:.3g}, {o['D_interval'][1]:.3g}]" if o["D_interval"] else "-"
-            lines.append(f"  {o['C']:>10.3g} {o['N']:>10.3g} {ni:>23s} {o['D']:>10.3g} {di:>23s} {o['loss']:>7.3f}")
+            lines.append(f"  {o['C']:>10.3g} {o['N']:>10.3g} {ni:>23s} {o['D']:>10.3g} {di:>23s} {o['loss']:>7.3f}"
+                         + ("  extrapolated" if row["extrapolated"] else ""))
         for iso in entry["isoflop_minima"]:
             m = iso["minimum"]
             where = "no minimum inside the sizes run" if not m else \

@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 from ..config import config_from_dict, to_dict
@@ -54,14 +55,20 @@ def prepare_data(spec: SweepSpec, runs: list[SweepRun], log=print) -> None:
         open_training_data(runs[0].config.data, runs[0].config.model, log=log)
 
 
-def _train_one(cfg_dict: dict, threads: int) -> str:
+def _train_one(cfg_dict: dict, threads: int) -> tuple[str, str]:
     import torch
 
     from ..train.loop import train
 
     torch.set_num_threads(threads)
+    started = time.perf_counter()
     result = train(config_from_dict(cfg_dict), log=lambda *a, **k: None)
-    return str(result.run_dir)
+    return str(result.run_dir), finished(result.summary, time.perf_counter() - started)
+
+
+def finished(summary: dict, seconds: float) -> str:
+    """A finished run in a few words: its steps, validation loss and this attempt's time."""
+    return f"{summary['steps']} steps, val loss {summary['val_loss']:.4f}, {seconds:.0f} s"
 
 
 def phases(todo: list[SweepRun]) -> list[list[SweepRun]]:
@@ -87,7 +94,9 @@ def run_local(spec: SweepSpec, runs: list[SweepRun], parallel: int = 1, log=prin
             state = run_state(run)
             log(f"[{i}/{len(todo)}] {run.config.train.run_name}"
                 + (f" (resuming at step {state['step']})" if state["state"] == "partial" else ""))
-            train(run.config, log=lambda *a, **k: None)
+            started = time.perf_counter()
+            result = train(run.config, log=lambda *a, **k: None)
+            log(f"[{i}/{len(todo)}] done: {finished(result.summary, time.perf_counter() - started)}")
         return todo
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")  # no forking of a process that already holds torch threads
@@ -97,7 +106,8 @@ def run_local(spec: SweepSpec, runs: list[SweepRun], parallel: int = 1, log=prin
             futures = {pool.submit(_train_one, to_dict(r.config), threads): r for r in phase}
             for future in concurrent.futures.as_completed(futures):
                 done += 1
-                log(f"[{done}/{len(todo)}] {Path(future.result()).name} done")
+                run_dir, what = future.result()
+                log(f"[{done}/{len(todo)}] {Path(run_dir).name} done: {what}")
     return todo
 
 

@@ -10,13 +10,17 @@ from ..config import LoggingConfig
 
 
 class MetricsLogger:
-    """Writes one JSON object per call to metrics.jsonl and mirrors it to wandb. Rank 0 only."""
+    """Writes one JSON object per call to metrics.jsonl and mirrors it to wandb and TensorBoard. Rank 0 only."""
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, name: str, enabled: bool = True):
         self.enabled = enabled
-        self._wandb = None
+        self._wandb = self._tensorboard = None
         if not enabled:
             return
+        if cfg.tensorboard:  # config validation made sure tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.wandb != "disabled":
             import wandb
@@ -37,13 +41,32 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+        if self._tensorboard is not None:
+            for tag, value in scalars(record):
+                self._tensorboard.add_scalar(tag, value, global_step=record.get("step"))
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def scalars(record: dict, prefix: str = ""):
+    """(tag, number) for every number in a metrics record: lists by index (memory per rank), dicts by key."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, dict):
+            yield from scalars(value, f"{tag}/")
+        elif isinstance(value, list):
+            yield from scalars({f"rank{i}": v for i, v in enumerate(value)}, f"{tag}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield tag, float(value)
 
 
 def duration(seconds: float) -> str:
