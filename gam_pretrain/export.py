@@ -35,7 +35,6 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 HASHED = (WEIGHTS, TOKENIZER, MODELING, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
-MODELS_SOURCES = ("common.py", "gam.py", "transformer.py", "mamba.py", "__init__.py")  # in dependency order
 
 
 class ExportError(ValueError):
@@ -101,7 +100,8 @@ def modeling_source() -> str:
     package = Path(__file__).parent
     parts = ["# Written by gam-pretrain's export: gam_pretrain/hf_modeling.py with gam_pretrain/models pasted in.\n"
              "from __future__ import annotations\n"]
-    for name in MODELS_SOURCES:
+    families = sorted(p.name for p in (package / "models").glob("*.py") if p.name not in ("common.py", "__init__.py"))
+    for name in ("common.py", *families, "__init__.py"):  # what they share, each family, the registry
         lines = (package / "models" / name).read_text().splitlines()
         if any(line.startswith("from .") and line.rstrip().endswith("(") for line in lines):
             raise RuntimeError(f"models/{name} imports across lines: export.modeling_source pastes one-line imports only")

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 FAMILIES = {
     "gam": ["model.arch=gam"],
+    "gam-assoc": ["model.arch=gam-assoc"],
     "transformer-naive": ["model.arch=transformer", "model.attention=naive"],
     "transformer-sdpa": ["model.arch=transformer", "model.attention=sdpa"],
     "mamba-paper": ["model.arch=mamba", "model.stack=paper"],

@@ -212,7 +212,7 @@ def test_training_flops_are_three_forwards(arch):
 
 
 def test_registry_lists_all_families():
-    assert {spec.family for spec in REGISTRY.values()} == {"gam", "transformer", "mamba"}
+    assert {spec.family for spec in REGISTRY.values()} == {"gam", "gam-assoc", "transformer", "mamba"}
     labels = [label for label, _ in variant_configs(ModelConfig())]
     assert "mamba (stack=paper)" in labels and "transformer (attention=naive)" in labels
     assert all(math.isfinite(build_model(c).flops_per_token()) for _, c in variant_configs(tiny_model_config()))
@@ -258,3 +258,37 @@ def test_decoding_with_state_equals_the_full_forward(label, cfg):
         cached = generate(model, [1, 2, 3], 30, cfg.block_size, temperature=temperature, seed=3)
         recomputed = generate(model, [1, 2, 3], 30, cfg.block_size, temperature=temperature, seed=3, use_cache=False)
         assert cached == recomputed and len(cached) == 30
+
+
+def test_gam_assoc_chunked_memory_is_the_delta_rule():
+    """The chunked form computes the delta rule's recurrence, outputs and every input's gradient, for
+    lengths that do and do not fill whole chunks (float64: to rounding)."""
+    from gam_pretrain.models.gam_assoc import delta_rule, delta_rule_chunked
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, d = 2, 3, 37, 8
+    q, k = (F.normalize(torch.randn(B, H, T, d, generator=gen, dtype=torch.float64), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, T, d, generator=gen, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    inputs = [x.requires_grad_() for x in (q, k, v, beta)]
+    want, _ = delta_rule(*inputs)
+    weights = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * weights).sum(), inputs)
+    for chunk in (4, 8, 64):
+        got = delta_rule_chunked(*inputs, chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        for g, w in zip(torch.autograd.grad((got * weights).sum(), inputs), want_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_gam_assoc_sees_the_whole_prefix_where_gam_sees_its_conv_field():
+    """Changing the first token changes GAM-Assoc's last output; GAM's (2 layers, k=3: 5 tokens) not."""
+    idx = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % 97
+    for arch, reaches in (("gam-assoc", True), ("gam", False)):
+        model = build_model(tiny_model_config(arch=arch), seed=1).eval()
+        with torch.no_grad():
+            moved = (model(changed)[0, -1] - model(idx)[0, -1]).abs().max().item()
+        assert (moved > 1e-6) == reaches, (arch, moved)
+    assert build_model(tiny_model_config(arch="gam-assoc")).receptive_field() is None

@@ -8,6 +8,7 @@ import torch
 
 from .common import LMHeadModel, ModelConfig
 from .gam import GAM
+from .gam_assoc import GAMAssoc
 from .mamba import Mamba
 from .transformer import Transformer
 
@@ -25,6 +26,8 @@ REGISTRY: dict[str, ArchSpec] = {
     "gam-sum": ArchSpec("gam", lambda c: GAM(c, "sum"), "GAM ablation: local + global, no gate", {}),
     "gam-global-only": ArchSpec("gam", lambda c: GAM(c, "global"), "GAM ablation: memory only", {}),
     "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {}),
+    "gam-assoc": ArchSpec("gam-assoc", GAMAssoc, "GAM-Assoc (beyond the paper): GAM's gated local + global "
+                          "pathways, the global one a causal delta-rule associative memory read by content", {}),
     "transformer": ArchSpec(
         "transformer", Transformer, "GPT-style pre-LN Transformer", {"attention": ("naive", "sdpa")}
     ),
