@@ -354,16 +354,17 @@ def cmd_evaluate(args, overrides):
     if args.include_path and not Path(args.include_path).is_dir():
         raise FileNotFoundError(f"--include-path {args.include_path}: no such folder of task YAMLs")
     try:
-        from .eval.harness import evaluate_tasks
+        from .eval.harness import evaluate_tasks, task_manager
     except ImportError as e:
         raise ValueError(f"gam-pretrain evaluate needs lm-evaluation-harness ({first_line(e)}): "
                           "pip install 'gam-pretrain[eval]'") from None
+    tasks = [t for t in args.tasks.split(",") if t]
+    manager = task_manager(tasks, args.include_path)  # before the model loads: a wrong name costs nothing
     model, _, tokenizer = load_export(args.export)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.export} has no tokenizer.json")
-    tasks = [t for t in args.tasks.split(",") if t]
-    results = evaluate_tasks(model, tokenizer, tasks, include_path=args.include_path, batch_size=args.batch_size,
-                             device=args.device, limit=args.limit, num_fewshot=args.num_fewshot)
+    results = evaluate_tasks(model, tokenizer, tasks, manager, batch_size=args.batch_size, device=args.device,
+                             limit=args.limit, num_fewshot=args.num_fewshot)
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
     print(json.dumps(table, indent=2))

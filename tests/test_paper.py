@@ -56,16 +56,17 @@ def test_recall_batches_are_well_formed():
         RecallTask(seq_len=8, pairs=4).batch(1, torch.Generator())
 
 
-def test_attention_learns_recall_that_a_short_receptive_field_cannot():
-    """2-pair recall over a 24-token gap, 250 steps: a 2-layer Transformer is well above chance (1/8)
-    and still climbing; GAM (receptive field 5) cannot see the stored pair from the query."""
+def test_attention_and_an_associative_memory_learn_recall_that_a_short_receptive_field_cannot():
+    """2-pair recall over a 24-token gap, 250 steps, width 32, 2 layers: a Transformer is well above
+    chance (1/8) and still climbing; GAM (receptive field 5) cannot see the stored pair from the
+    query; gam-assoc, whose memory the sequence writes, recalls at least as well as the Transformer
+    (measured 0.76-0.79 against 0.52-0.57 over two seeds)."""
     task = RecallTask(seq_len=32, pairs=2, vocab=16)
-    tf = train_recall(small("transformer", vocab_size=16, block_size=32, d_model=32, n_layers=2), task, steps=250,
-                      batch_size=32, lr=3e-3)
-    gam = train_recall(small("gam", vocab_size=16, block_size=32, d_model=32, n_layers=2), task, steps=250,
-                       batch_size=32, lr=3e-3)
-    assert tf["accuracy"] > 0.5, tf
-    assert gam["accuracy"] < 0.3, gam
+    got = {arch: train_recall(small(arch, vocab_size=16, block_size=32, d_model=32, n_layers=2), task, steps=250,
+                              batch_size=32, lr=3e-3)["accuracy"] for arch in ("transformer", "gam", "gam-assoc")}
+    assert got["transformer"] > 0.5, got
+    assert got["gam"] < 0.3, got
+    assert got["gam-assoc"] >= got["transformer"], got
 
 
 def test_table_commands_run_at_smoke_scale_and_share_runs(tmp_path):

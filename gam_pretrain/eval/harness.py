@@ -131,19 +131,25 @@ class GamPretrainLM(TemplateLM):
         return out
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None, batch_size: int = 16,
-                   device: str = "cpu", limit: int | None = None, num_fewshot: int | None = None,
-                   log_samples: bool = False) -> dict:
-    """lm_eval.simple_evaluate over our model; task YAMLs in `include_path` join the harness's own."""
-    from lm_eval import simple_evaluate
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm_eval's TaskManager (the harness's tasks, plus the YAMLs in `include_path`), with every name
+    in `tasks` checked: an unknown one is one line."""
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (lm_eval's task names, or YAMLs in "
-                         "--include-path)")
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'} (lm_eval's task names, or "
+                         "YAMLs in --include-path)")
+    return manager
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], manager, batch_size: int = 16, device: str = "cpu",
+                   limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+    """lm_eval.simple_evaluate over our model, on tasks a `task_manager` checked."""
+    from lm_eval import simple_evaluate
+
     with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress notes; stdout is for results
         return simple_evaluate(model=GamPretrainLM(model, tokenizer, batch_size=batch_size, device=device),
-                               tasks=tasks, task_manager=task_manager, limit=limit, num_fewshot=num_fewshot,
+                               tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                log_samples=log_samples, batch_size=batch_size, device=device)
