@@ -65,7 +65,7 @@ def test_exports_load_in_transformers_alone_with_our_logits(tmp_path, prepared_s
         assert config["model_type"] == "gam_pretrain" and "AutoModelForCausalLM" in config["auto_map"]
         inside = "".join(p.read_text() for p in export.iterdir() if p.suffix in (".json", ".py"))
         assert str(tmp_path) not in inside, f"{family}: an absolute path in a shared export"
-        ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, config["model"]["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
         jobs.append({"family": family, "export": str(export), "ids": ids.tolist(), "out": str(tmp_path / f"{family}.json")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

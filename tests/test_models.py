@@ -292,3 +292,22 @@ def test_gam_assoc_sees_the_whole_prefix_where_gam_sees_its_conv_field():
             moved = (model(changed)[0, -1] - model(idx)[0, -1]).abs().max().item()
         assert (moved > 1e-6) == reaches, (arch, moved)
     assert build_model(tiny_model_config(arch="gam-assoc")).receptive_field() is None
+
+
+def test_gam_assoc_runs_in_bf16_parameters_and_under_autocast():
+    """bf16 weights (FSDP2's and DeepSpeed's bf16 modes) and bf16 autocast both run: the memory is
+    computed in float32 (no bf16 triangular solve), and the logits stay near the float32 model's."""
+    cfg = tiny_model_config(arch="gam-assoc")
+    model = build_model(cfg, seed=1).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(idx)
+        halved = build_model(cfg, seed=1).to(torch.bfloat16).eval()(idx)
+    for got in (autocast, halved):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(idx, idx)[1].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -284,4 +284,5 @@ def test_a_setup_line_that_activates_an_environment_runs_its_python(tmp_path):
     assert " python -u -m submitit" in srun_line(setup=["source ~/gam/.venv/bin/activate"])
     assert " python -u -m submitit" in srun_line(setup=["module load cuda/12", "conda activate gam"])
     assert f" {sys.executable} -u -m submitit" in srun_line(setup=["module load cuda/12"])
+    assert f" {sys.executable} -u -m submitit" in srun_line(setup=["# source venv/bin/activate", "source deactivate"])
     assert " /opt/py/bin/python -u -m submitit" in srun_line(setup=["conda activate gam"], python="/opt/py/bin/python")

@@ -87,6 +87,7 @@ def test_a_run_logged_to_a_file_gives_one_plain_line_per_interval_and_a_final_li
     import subprocess
     import sys
 
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     overrides = [o for o in tiny_run_overrides(tmp_path, prepared_small, steps=20) if o != "train.progress=false"]
     with open(tmp_path / "job.out", "w") as out:
         done = subprocess.run([sys.executable, "-m", "gam_pretrain", "train", *overrides, "train.run_name=logged",
@@ -105,7 +106,6 @@ def test_a_run_logged_to_a_file_gives_one_plain_line_per_interval_and_a_final_li
     trace = json.loads((tmp_path / "logged" / "profile" / "steps_3-4_rank00000.json").read_text())
     assert any("aten::" in event.get("name", "") for event in trace["traceEvents"])
     assert f"profile of steps 3-4: {tmp_path / 'logged' / 'profile'}" in text
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     events = accumulator.EventAccumulator(str(tmp_path / "logged" / "tensorboard"))
     events.Reload()
     metrics = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]

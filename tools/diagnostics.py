@@ -23,6 +23,7 @@ from gam_pretrain.models import ModelConfig, build_model
 
 FAMILIES = {
     "gam": dict(arch="gam"),
+    "gam-assoc": dict(arch="gam-assoc"),
     "transformer": dict(arch="transformer", attention="sdpa"),
     "mamba": dict(arch="mamba", stack="standard", expand=2),
 }

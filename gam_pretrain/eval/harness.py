@@ -137,10 +137,12 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if not tasks:
+        raise ValueError("--tasks names no task (comma-separated lm_eval task names)")
     unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown or not tasks:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'} (lm_eval's task names, or "
-                         "YAMLs in --include-path)")
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (lm_eval's task names, or YAMLs in "
+                         "--include-path)")
     return manager
 
 

@@ -78,14 +78,14 @@ NO_SBATCH = ("sbatch not found: SLURM is not installed here or not on PATH. "
              "Use --launch.cluster local to run on this machine, or launch from a SLURM login node.")
 
 
-ACTIVATES = re.compile(r"(^|[\s;&|(])(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
+ACTIVATES = re.compile(r"(^|[\s;&|(])(source|\.)\s+(\S*/)?activate\b|\b(conda|mamba|micromamba)\s+activate\b")
 
 
 def activates_environment(setup: list[str]) -> bool:
     """Whether a launch.setup line activates a Python environment (a venv's `source .../activate`,
     `conda activate`, ...): the job then runs the `python` that environment puts on PATH, not the
     absolute interpreter of the machine that launched it (launch.python overrides both)."""
-    return any(ACTIVATES.search(line) for line in setup)
+    return any(ACTIVATES.search(line.split("#", 1)[0]) for line in setup)
 
 
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str, ntasks_per_node: int, extra: dict | None = None,

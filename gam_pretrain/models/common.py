@@ -29,7 +29,7 @@ class ModelConfig:
     memory_slots: int = 512  # GAM: rows of each block's learned memory bank M
     conv_kernel: int = 3  # GAM: width k of the depthwise causal conv
     # Transformer
-    n_heads: int = 8  # Transformer: attention heads (d_model must divide by it)
+    n_heads: int = 8  # Transformer: attention heads; gam-assoc: memory heads (d_model must divide by it)
     attention: Literal["naive", "sdpa"] = "sdpa"  # Transformer: naive: the T x T softmax, as the paper; sdpa: same function, fused kernels
     # Mamba
     stack: Literal["paper", "standard"] = "standard"  # Mamba: paper: bare mixers, as the paper ran; standard: pre-norm residual blocks

@@ -52,7 +52,16 @@ def delta_rule(q, k, v, beta, state=None):
 
 
 def delta_rule_chunked(q, k, v, beta, chunk: int = CHUNK):
-    """`delta_rule` from a zero state, a chunk at a time (see the module docstring). Same shapes."""
+    """`delta_rule` from a zero state, a chunk at a time (see the module docstring). Same shapes.
+    Computed in at least float32 whatever the inputs' precision (the triangular solve has no bf16
+    kernel, and the chunk's write corrections are sums bf16 would round away), returned in v's dtype."""
+    dtype, work = v.dtype, torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        out = _delta_rule_chunked(*(x.to(work) for x in (q, k, v, beta)), chunk)
+    return out.to(dtype)
+
+
+def _delta_rule_chunked(q, k, v, beta, chunk: int):
     B, H, T, d = q.shape
     chunk = min(chunk, T)
     pad = (-T) % chunk
@@ -92,7 +101,7 @@ class GAMAssocBlock(nn.Module):
         self.read_norm = nn.RMSNorm(C // cfg.n_heads, eps=1e-5)
         self.out = nn.Linear(C, C, bias=False)
         self.gate = nn.Linear(C, 2 * C)
-        self.mix_dropout = nn.Dropout(cfg.dropout)
+        self.mix_dropout = nn.Dropout(cfg.dropout) if cfg.mix_dropout else nn.Identity()
         self.ln2 = nn.LayerNorm(C)
         self.ffn = FeedForward(C, cfg.dropout)
 
@@ -105,8 +114,10 @@ class GAMAssocBlock(nn.Module):
         beta = torch.sigmoid(self.write(h)).transpose(1, 2)  # (B, H, T)
         if state is None:
             read = delta_rule_chunked(q, k, v, beta)
-        else:  # decoding: the memory is the state
-            read, state["S"] = delta_rule(q, k, v, beta, state.get("S"))
+        else:  # decoding: the memory is the state (in at least float32, as the chunked form computes)
+            work = torch.promote_types(v.dtype, torch.float32)
+            read, state["S"] = delta_rule(*(t.to(work) for t in (q, k, v, beta)), state.get("S"))
+            read = read.to(v.dtype)
         glob = self.out(self.read_norm(read).transpose(1, 2).reshape(B, T, C))
         g_local, g_global = torch.sigmoid(self.gate(h)).chunk(2, dim=-1)
         x = x + self.mix_dropout(g_local * local + g_global * glob)
@@ -136,7 +147,8 @@ class GAMAssoc(LMHeadModel):
             "qkv": L * 2 * C * 3 * C,
             "write": L * 2 * C * H,
             # per head and token, chunked: the triangular solve's inputs (K K^T) and W, U (c d each, x3),
-            # Q K^T and its product with the new values (c d each), Q S^T, W S^T and the state update (d^2 each)
+            # Q K^T and its product with the new values (c d each), Q S^T, W S^T and the state update (d^2 each);
+            # the solve itself (about c^2) is not a matmul and not counted, as torch's flop counter does not
             "memory": L * H * 2 * (5 * chunk * d + 3 * d * d),
             "out": L * 2 * C * C,
             "gate": L * 2 * C * 2 * C,

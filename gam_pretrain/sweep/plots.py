@@ -24,8 +24,7 @@ def shade_extrapolation(ax, result: dict) -> None:
     """Grey over the compute beyond the largest run: what the law says there is extrapolated."""
     beyond = [row["C"] for row in result["comparison"] if row["extrapolated"]]
     if beyond:
-        largest = max(row["C"] for row in result["comparison"] if not row["extrapolated"])
-        ax.axvspan(largest, max(beyond), color="grey", alpha=0.12, lw=0, label="extrapolated")
+        ax.axvspan(result["largest_run_C"], max(beyond), color="grey", alpha=0.12, lw=0, label="extrapolated")
 
 
 def plot_all(result: dict, out_dir: Path) -> list[Path]:

@@ -56,7 +56,7 @@ def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: flo
     families = sorted({p["family"] for p in points})
     c_min, c_max = min(p["C"] for p in points), max(p["C"] for p in points)
     budgets = [float(c) for c in np.logspace(math.log10(c_min), math.log10(c_max) + extrapolate_decades, 7)]
-    result = {"budgets": budgets, "families": {}, "params": "N", "comparison": []}
+    result = {"budgets": budgets, "families": {}, "params": "N", "comparison": [], "largest_run_C": c_max}
     for family in families:
         pts = [p for p in points if p["family"] == family]
         N, D, L = (np.array([p[k] for p in pts], dtype=float) for k in ("N", "D", "loss"))
@@ -93,7 +93,7 @@ def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: flo
             warnings.append(f"E = {law.E:.3g} is far below every loss seen: the irreducible term is not identified")
         outside = [k for k, (lo, hi) in fitted["intervals"].items() if not lo <= getattr(law, k) <= hi]
         if outside:
-            warnings.append(f"the fitted {', '.join(outside)} lie(s) outside their bootstrap interval (percentile "
+            warnings.append(f"fitted {', '.join(outside)} outside the bootstrap interval (percentile "
                             f"method, {len(fitted['bootstrap_laws'])} resamples): the resamples' fits disagree with the "
                             "full fit; the law is not stable (add points, or more --bootstrap)")
         entry["warnings"] = warnings

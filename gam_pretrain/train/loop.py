@@ -291,7 +291,8 @@ def train(cfg: RunConfig, log=print) -> RunResult:
                                      "tokens_per_step": tokens_per_step, "world_size": dist.world_size,
                                      "resumed_from": str(resume_from) if resume_from else None,
                                      **({"branched_from": str(branch[0])} if branch else {})})
-        metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main)
+        metrics = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), run_dir.name, enabled=dist.is_main,
+                                resume_step=start_step)
         peak = peak_flops(device, t.peak_flops)
         say(f"{cfg.model.arch}: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token, {total_steps} "
             f"steps of {tokens_per_step:,} tokens ({total_steps / steps_per_epoch:.2f} epochs) on {dist.world_size} x "

@@ -12,7 +12,8 @@ from ..config import LoggingConfig
 class MetricsLogger:
     """Writes one JSON object per call to metrics.jsonl and mirrors it to wandb and TensorBoard. Rank 0 only."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, name: str, enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, name: str, enabled: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self._wandb = self._tensorboard = None
         if not enabled:
@@ -20,7 +21,9 @@ class MetricsLogger:
         if cfg.tensorboard:  # config validation made sure tensorboard is installed
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            # a resumed run drops what an earlier attempt logged after its checkpoint (it logs those steps again)
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None,
+                                              flush_secs=10)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.wandb != "disabled":
             import wandb
