@@ -21,13 +21,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .models import REGISTRY, ModelConfig
 
-MODEL_TYPE = "gam_pretrain"
-
 
 class GamPretrainConfig(PretrainedConfig):
     """`model` holds gam-pretrain's ModelConfig fields; the usual Hugging Face names are derived."""
 
-    model_type = MODEL_TYPE
+    model_type = "gam_pretrain"  # as export.hf_config writes it
 
     def __init__(self, model: dict | None = None, **kwargs):
         self.model = dict(model or {})
@@ -40,8 +38,6 @@ class GamPretrainConfig(PretrainedConfig):
 class GamPretrainForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = GamPretrainConfig
     base_model_prefix = ""
-    main_input_name = "input_ids"
-    _supports_cache_class = False
 
     def __init__(self, config: GamPretrainConfig):
         super().__init__(config)
