@@ -75,7 +75,8 @@ ROWS = {
                           Row("Mamba (paper stack)", {"arch": "mamba", "stack": "paper"}, "Mamba")],
     ("table1", "fair"): [Row("GAM", {"arch": "gam"}, "GAM"),
                          Row("Transformer (SDPA)", {"arch": "transformer", "attention": "sdpa"}, "Transformer"),
-                         Row("Mamba (standard stack)", {"arch": "mamba", "stack": "standard"}, "Mamba")],
+                         Row("Mamba (standard stack)", {"arch": "mamba", "stack": "standard"}, "Mamba"),
+                         Row("GAM-Assoc (beyond the paper)", {"arch": "gam-assoc"}, "none: not in the paper")],
     ("table3", "paper"): TABLE3_ROWS,
     ("table3", "fair"): TABLE3_ROWS,
 }
@@ -285,5 +286,8 @@ def markdown(report: dict) -> str:
               "recipe trains its own tokenizer); within a table they are.",
               "GAM's memory bank does not depend on the input: its only mixing across positions is the causal conv, "
               "so each output sees 1 + L(k-1) tokens (13 at the paper's 6 layers, kernel 3)."]
+    if any(r["arch"] == "gam-assoc" for r in report["rows"]):
+        lines.append("GAM-Assoc is not the paper's model: GAM's block with a causal delta-rule associative memory as its "
+                     "global pathway (gam_pretrain/models/gam_assoc.py), so each output sees the whole prefix.")
     return "\n".join(lines) + "\n"
 
