@@ -18,6 +18,7 @@ from .data.recipes import recipe_names
 from .launch.submit import LaunchError
 from .models.common import ModelConfig
 from .paper import DATASETS, MODEL_SLUGS, RECIPES, SCALES, TABLES
+from .sweep.ladder import FAMILIES
 from .sweep.spec import SweepSpec
 from .train.summary import SUMMARY
 
@@ -241,7 +242,7 @@ def cmd_fit(args, overrides):
 
 
 def cmd_ladder(args, overrides):
-    from .sweep.ladder import FAMILIES, WIDTHS, ladder
+    from .sweep.ladder import WIDTHS, ladder
 
     base = model_config(overrides)
     widths = [int(w) for w in args.widths.split(",")] if args.widths else WIDTHS
@@ -249,7 +250,7 @@ def cmd_ladder(args, overrides):
     for family in ([args.family] if args.family else list(FAMILIES)):
         for rung in ladder(family, widths, base):
             rows.append({"family": family, "width": rung.width, "n_layers": rung.config.n_layers,
-                         "n_heads": rung.config.n_heads if family == "transformer" else None,
+                         "n_heads": rung.config.n_heads if family in ("transformer", "gam-assoc") else None,
                          "params": rung.params, "non_embedding_params": rung.non_embedding_params,
                          "train_flops_per_token": rung.flops_per_token,
                          "flops_per_token_over_6N": rung.flops_per_token / (6 * rung.params)})
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status, takes_keys=False)
     p = sub.add_parser("ladder", help="model-size ladders: per family and width, the layers, heads, parameters and FLOPs")
-    p.add_argument("--family", choices=["gam", "transformer", "mamba"])
+    p.add_argument("--family", choices=list(FAMILIES))
     p.add_argument("--widths", help="comma-separated widths (default: the whole ladder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ladder)

@@ -23,7 +23,7 @@ ENGINES = {
         "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"]} if HAS_DEEPSPEED else {}),
     "fsdp2": ["engine.kind=fsdp2"],
 }
-FAMILIES = ["gam", "transformer", "mamba"]
+FAMILIES = ["gam", "transformer", "mamba", "gam-assoc"]
 N = 4  # steps before the save; the runs are 2N long
 
 

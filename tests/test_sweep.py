@@ -29,7 +29,7 @@ def cli(*args, timeout=600, **kw):
 
 
 def test_ladder_spans_1m_to_1b_with_the_written_rule():
-    for family in ("gam", "transformer", "mamba"):
+    for family in ("gam", "transformer", "mamba", "gam-assoc"):
         rungs = ladder(family, [96, 128, 512, 2048])
         assert 1.0e6 <= rungs[0].params <= 2.0e6, (family, rungs[0].params)
         assert rungs[-1].params > 1.0e9
@@ -37,7 +37,7 @@ def test_ladder_spans_1m_to_1b_with_the_written_rule():
         for r in rungs:
             layers = max(2, r.width // 64)
             assert r.config.n_layers == (2 * layers if family == "mamba" else layers)
-            if family == "transformer":
+            if family in ("transformer", "gam-assoc"):
                 assert r.config.n_heads == max(1, r.width // 64)
     small = rung_config("mamba", 64)
     built = build_model(small)  # the meta-device count equals a real model's

@@ -4,6 +4,8 @@ The rule (also in the README):
 - width d (d_model) picks the rung; depth L = max(2, d / 64) (aspect ratio d / L = 64 from 128 up);
 - Transformer: heads = max(1, d / 64) (head size 64 from 64 up), SDPA attention;
 - GAM: the same L; 512 memory slots per layer (the paper's value at every size), conv kernel 3;
+- GAM-Assoc (beyond the paper): GAM's L and conv, and the Transformer's heads (head size 64 from 64
+  up) as its delta-rule memory heads (each a 64 x 64 state);
 - Mamba: 2L blocks of the standard (residual, pre-norm) stack, expand 2, d_state 16, d_conv 4 -
   a Mamba block holds about half the parameters of a Transformer block, as in mamba-ssm's ladders.
 Parameters are counted on the meta device (nothing allocated) and FLOPs per token come from each
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from ..models import ModelConfig, build_model
 
-FAMILIES = ("gam", "transformer", "mamba")  # each family is also the name of its registry architecture
+FAMILIES = ("gam", "transformer", "mamba", "gam-assoc")  # each family is also the name of its registry architecture
 # widths from ~1M parameters (vocab 10k) to past 1B; smaller ones exist for CPU-scale tests
 WIDTHS = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
 
@@ -45,6 +47,8 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
     cfg = dataclasses.replace(base, arch=family, d_model=width, n_layers=depth)
     if family == "transformer":
         cfg = dataclasses.replace(cfg, n_heads=max(1, width // 64), attention="sdpa")
+    elif family == "gam-assoc":
+        cfg = dataclasses.replace(cfg, n_heads=max(1, width // 64))
     elif family == "mamba":
         cfg = dataclasses.replace(cfg, n_layers=2 * depth, stack="standard", expand=2, d_state=16, d_conv=4)
     return cfg
