@@ -183,6 +183,28 @@ def test_the_report_flags_an_estimate_outside_its_interval_and_marks_extrapolati
     assert sum(row.endswith("extrapolated") for row in rows) == sum(r["extrapolated"] for r in result["comparison"]) > 0
 
 
+def test_the_report_compares_families_where_they_were_measured_with_the_seeds_spread():
+    from gam_pretrain.sweep.report import compare_measured, format_report
+
+    def point(family, width, budget, losses):
+        return {"family": family, "width": width, "budget_kind": "tokens", "budget": budget, "loss": float(np.mean(losses)),
+                "seeds": len(losses), "loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                "loss_min": min(losses), "loss_max": max(losses)}
+
+    points = [point("gam", 32, 1e5, [3.0, 3.1, 3.2]), point("gam-assoc", 32, 1e5, [2.7, 2.8, 2.9]),  # apart
+              point("gam", 64, 1e5, [3.0, 3.1, 3.2]), point("gam-assoc", 64, 1e5, [2.9, 3.0, 3.05]),  # overlapping
+              point("gam", 32, 3e5, [3.0]), point("gam-assoc", 32, 3e5, [2.0]),  # one seed
+              point("gam", 128, 3e5, [2.5, 2.6])]  # one family only
+    rows = compare_measured(points)
+    assert [(r["width"], r["budget"], r["best"], r["separated"]) for r in rows] == [
+        (32, 1e5, "gam-assoc", True), (64, 1e5, "gam-assoc", False), (32, 3e5, "gam-assoc", False)]
+    assert rows[0]["loss"]["gam"] == {"loss": pytest.approx(3.1), "loss_std": pytest.approx(0.1), "loss_min": 3.0,
+                                      "loss_max": 3.2, "seeds": 3}
+    text = format_report({"families": {}, "measured": rows, "comparison": []})
+    assert "width 32    best: gam-assoc    separated         gam-assoc 2.800 [2.700, 2.900], gam 3.100 [3.000, 3.200]" in text
+    assert text.count("within the spread") == 2
+
+
 def test_isoflop_minimum_of_a_parabola():
     N = np.logspace(6, 8, 5)
     L = 2.0 + 0.1 * (np.log(N) - np.log(3e7)) ** 2

@@ -16,7 +16,8 @@ from .runner import RUN_RECORD
 
 
 def collect(sweep_dir: str | Path, params: str = "non_embedding") -> list[dict]:
-    """One point per (family, width, budget): the best learning rate, then the mean over seeds."""
+    """One point per (family, width, budget): the best learning rate, then the mean over seeds (and
+    the seeds' spread: sample standard deviation, min, max)."""
     runs = []
     for record in sorted(Path(sweep_dir).glob(f"runs/*/{RUN_RECORD}")):
         summary_file = record.parent / SUMMARY
@@ -46,8 +47,30 @@ def collect(sweep_dir: str | Path, params: str = "non_embedding") -> list[dict]:
         n = r["non_embedding_params"] if params == "non_embedding" else r["params"]
         points.append({"family": r["family"], "width": r["width"], "budget_kind": r["budget_kind"], "budget": r["budget"],
                        "N": n, "D": r["tokens"], "C": r["flops_per_token"] * r["tokens"],
-                       "flops_per_token": r["flops_per_token"], "loss": float(np.mean(losses)), "seeds": len(losses)})
+                       "flops_per_token": r["flops_per_token"], "loss": float(np.mean(losses)), "seeds": len(losses),
+                       "loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                       "loss_min": float(min(losses)), "loss_max": float(max(losses))})
     return points
+
+
+def compare_measured(points: list[dict]) -> list[dict]:
+    """Per (budget, width) that more than one family ran: each family's measured loss, the lowest, and
+    whether it is separated: its worst seed below every other family's best seed (a single seed
+    separates nothing)."""
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for p in points:
+        groups[(p["budget_kind"], p["budget"], p["width"])][p["family"]] = p
+    rows = []
+    for (kind, budget, width), by_family in sorted(groups.items()):
+        if len(by_family) < 2:
+            continue
+        best = min(by_family, key=lambda f: by_family[f]["loss"])
+        separated = all(p["seeds"] > 1 and by_family[best]["loss_max"] < p["loss_min"]
+                        for f, p in by_family.items() if f != best) and by_family[best]["seeds"] > 1
+        rows.append({"budget_kind": kind, "budget": budget, "width": width, "best": best, "separated": separated,
+                     "loss": {f: {k: p[k] for k in ("loss", "loss_std", "loss_min", "loss_max", "seeds")}
+                              for f, p in by_family.items()}})
+    return rows
 
 
 def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: float = 2.0) -> dict:
@@ -56,7 +79,8 @@ def fit_sweep(points: list[dict], bootstrap: int = 100, extrapolate_decades: flo
     families = sorted({p["family"] for p in points})
     c_min, c_max = min(p["C"] for p in points), max(p["C"] for p in points)
     budgets = [float(c) for c in np.logspace(math.log10(c_min), math.log10(c_max) + extrapolate_decades, 7)]
-    result = {"budgets": budgets, "families": {}, "params": "N", "comparison": [], "largest_run_C": c_max}
+    result = {"budgets": budgets, "families": {}, "params": "N", "comparison": [], "largest_run_C": c_max,
+              "measured": compare_measured(points)}
     for family in families:
         pts = [p for p in points if p["family"] == family]
         N, D, L = (np.array([p[k] for p in pts], dtype=float) for k in ("N", "D", "loss"))
@@ -139,6 +163,14 @@ def format_report(result: dict) -> str:
             where = "no minimum inside the sizes run" if not m else \
                 f"N_opt {m['N']:.3g}, loss {m['loss']:.3f}{'' if m['inside_range'] else ' (outside the sizes run)'}"
             lines.append(f"  isoFLOP C={iso['C']:.3g}: {where}")
+    if result.get("measured"):
+        lines.append("measured: lowest validation loss per budget and width (mean over seeds [min, max]; "
+                     "separated = its worst seed beats every other family's best)")
+        for row in result["measured"]:
+            losses = ", ".join(f"{f} {v['loss']:.3f}" + (f" [{v['loss_min']:.3f}, {v['loss_max']:.3f}]" if v["seeds"] > 1 else "")
+                               for f, v in sorted(row["loss"].items(), key=lambda kv: kv[1]["loss"]))
+            lines.append(f"  {row['budget_kind']} {row['budget']:<9.3g} width {row['width']:<5d} best: {row['best']:12s} "
+                         f"{'separated' if row['separated'] else 'within the spread':17s} {losses}")
     lines.append("best family per compute budget (predicted loss at the compute-optimal size):")
     for row in result["comparison"]:
         losses = ", ".join(f"{f} {v:.3f}" for f, v in row["loss"].items())
