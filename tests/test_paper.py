@@ -125,10 +125,11 @@ def test_scaling_benchmark_and_diagnostics_write_json_and_png(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "s.json").read_text())
-    assert set(result["summary"]) == {"gam", "transformer-naive", "transformer-sdpa", "mamba"}
+    assert set(result["summary"]) == {"gam", "transformer-naive", "transformer-sdpa", "mamba", "gam-assoc"}
     assert (tmp_path / "s.png").stat().st_size > 10_000
     out = subprocess.run([PY, str(REPO / "tools" / "diagnostics.py"), "--smoke", "--out", str(tmp_path / "d.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     diag = json.loads((tmp_path / "d.json").read_text())
+    assert [(r["seq_len"], r["pairs"]) for r in diag["gam_assoc_against_transformer"]] == [(16, 2)]
     assert diag["gam_receptive_field_equals_theory"] and (tmp_path / "d.png").stat().st_size > 10_000

@@ -2,17 +2,20 @@
 
     python tools/bench_scaling.py --out results/bench_scaling_cpu.json            # CPU scale
     python tools/bench_scaling.py --gpu --out results/bench_scaling_h100.json     # paper scale
+    python tools/bench_scaling.py --seq 256,512,1024,2048,4096,8192 --models gam,transformer-sdpa,mamba,gam-assoc \
+        --out results/bench_scaling_assoc_cpu.json                                 # issue 19's lengths on CPU
 
 For each sequence length, every model's block runs forward + backward on a (batch, T, width)
 input, interleaved model by model, and the median of the repetitions is reported. Memory: peak
 CUDA memory allocated during the step on a GPU; on CPU the bytes of the tensors autograd saves for
 backward (activation memory, measured with saved-tensor hooks; CPU has no peak counter per step).
 The growth exponent is the slope of log time against log T (least squares over all lengths and
-over the upper half). The issue's target: time(8192) / time(256) <= 1.15 x 32 for GAM and Mamba.
+over the upper half). The target: time(8192) / time(256) <= 1.15 x 32 for GAM, Mamba and GAM-Assoc.
 
 Models: the paper's GAM block, the Transformer block with naive T x T attention (as the paper) and
-with SDPA (flash attention on a GPU), and the Mamba block of the standard stack (mamba-ssm's kernels
-when importable on CUDA, else our PyTorch scan).
+with SDPA (flash attention on a GPU), the Mamba block of the standard stack (mamba-ssm's kernels
+when importable on CUDA, else our PyTorch scan), and GAM-Assoc's block (beyond the paper: the
+chunked delta rule, 64-token chunks).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ MODELS = {
     "transformer-naive": dict(arch="transformer", attention="naive"),
     "transformer-sdpa": dict(arch="transformer", attention="sdpa"),
     "mamba": dict(arch="mamba", stack="standard"),
+    "gam-assoc": dict(arch="gam-assoc"),
 }
 
 

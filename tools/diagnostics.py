@@ -1,11 +1,14 @@
 """Receptive field and associative recall of every family (gam_pretrain/eval/diagnostics.py).
 
     python tools/diagnostics.py --out results/diagnostics_cpu.json      # ~10 min on 2 cores
+    python tools/diagnostics.py --seq-lens 128,256 --families gam,transformer,gam-assoc --steps 400 \
+        --out results/diagnostics_recall_assoc_cpu.json                 # ~25 min on 2 cores
     python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Writes JSON and a PNG (same name): (a) the measured receptive field against GAM's theory
 1 + L(k-1) for several depths and kernels, plus each family's input-gradient profile; (b)
-multi-query associative recall accuracy per family at several sequence lengths and key counts.
+multi-query associative recall accuracy per family at several sequence lengths and key counts,
+and for each (length, pairs) whether gam-assoc reached the Transformer's accuracy (issue 19).
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers
     return rows
 
 
+def assoc_against_transformer(rows: list[dict]) -> list[dict]:
+    """Per (length, pairs) where both ran: gam-assoc's accuracy minus the Transformer's (same steps and width)."""
+    acc = {(r["family"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows}
+    return [{"seq_len": T, "pairs": n, "gam_assoc": acc[("gam-assoc", T, n)], "transformer": acc[("transformer", T, n)],
+             "at_least_transformer": acc[("gam-assoc", T, n)] >= acc[("transformer", T, n)]}
+            for (family, T, n) in acc if family == "transformer" and ("gam-assoc", T, n) in acc]
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -106,6 +117,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="recall: which families")
     parser.add_argument("--device", default="cpu", help="recall: cpu or cuda (the receptive field is measured on CPU)")
     parser.add_argument("--pairs", default="4,8,16", help="recall: key-value pair counts")
+    parser.add_argument("--seq-lens", default="64,128", help="recall: sequence lengths")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -114,18 +126,20 @@ def main() -> None:
         rec = recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES))
     else:
         rf = receptive_fields(seq_len=64, widths=16)
-        rec = recall([64, 128], [int(p) for p in args.pairs.split(",")], steps=args.steps, width=64, layers=2,
+        rec = recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps, width=64, layers=2,
                      families=args.families.split(","), device=args.device)
     result = {
         "benchmark": "diagnostics", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip(),
         "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else
-                                                     f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"),
+                                                     f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"
+                                                     f" --seq-lens {args.seq_lens}"),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
         "gam_receptive_field_equals_theory": all(r["equal"] for r in rf["rows"] if r["family"] == "gam"),
+        "gam_assoc_against_transformer": assoc_against_transformer(rec),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +148,9 @@ def main() -> None:
     bad = [r for r in rf["rows"] if not r["equal"]]
     print(f"receptive field: {len(rf['rows']) - len(bad)}/{len(rf['rows'])} equal to theory"
           + (f"; differ: {bad}" if bad else ""))
+    for row in result["gam_assoc_against_transformer"]:
+        print(f"T={row['seq_len']} pairs={row['pairs']}: gam-assoc {row['gam_assoc']:.3f} vs transformer "
+              f"{row['transformer']:.3f}" + ("" if row["at_least_transformer"] else "  (below the Transformer)"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
