@@ -80,10 +80,11 @@ def _delta_rule_chunked(q, k, v, beta, chunk: int):
     scores = (q @ k.transpose(-1, -2)).masked_fill(~lower, 0)
     S = q.new_zeros(B, H, d, d)
     outs = []
-    for i in range(n):
-        new = U[:, :, i] - W[:, :, i] @ S.transpose(-1, -2)  # what each write adds, given S
-        outs.append(q[:, :, i] @ S.transpose(-1, -2) + scores[:, :, i] @ new)
-        S = S + new.transpose(-1, -2) @ k[:, :, i]
+    # unbind, not x[:, :, i]: an indexed chunk's backward fills a zero tensor the size of all chunks, O(n^2) in all
+    for q_i, k_i, U_i, W_i, scores_i in zip(*(x.unbind(2) for x in (q, k, U, W, scores))):
+        new = U_i - W_i @ S.transpose(-1, -2)  # what each write adds, given S
+        outs.append(q_i @ S.transpose(-1, -2) + scores_i @ new)
+        S = S + new.transpose(-1, -2) @ k_i
     return torch.stack(outs, dim=2).reshape(B, H, n * chunk, d)[:, :, :T]
 
 
