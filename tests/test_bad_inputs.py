@@ -379,6 +379,8 @@ CASES = [
         'engine.deepspeed_extra={{"checkpoint": {{"load_universal": true}}}}'), 2, "load_universal"),
     C("sweep missing spec", ["sweep", "{tmp}/none.yaml"], 2, "{tmp}/none.yaml"),
     C("sweep unknown key", lambda w: ["sweep", str(w.spec), "widthz=[1]"], 2, "widthz"),
+    C("sweep width its heads do not divide", lambda w: ["sweep", str(w.spec), "families=[gam-assoc]", "widths=[200]",
+                                                       "--list"], 2, "width 200 does not divide into its 3 heads"),
     C("sweep run index out of range", lambda w: ["sweep", str(w.spec), "--run-index", "99"], 2, "--run-index"),
     C("sweep status with a truncated summary", lambda w: ["sweep", str(w.spec), "--status"], 1, "{file}",
       truncated_summary_in_sweep),

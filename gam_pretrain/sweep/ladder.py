@@ -45,10 +45,13 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
     base = base or ModelConfig()
     depth = max(2, width // 64)
     cfg = dataclasses.replace(base, arch=family, d_model=width, n_layers=depth)
+    heads = max(1, width // 64)
+    if family in ("transformer", "gam-assoc") and width % heads:
+        raise ValueError(f"width {width} does not divide into its {heads} heads of about 64 ({family})")
     if family == "transformer":
-        cfg = dataclasses.replace(cfg, n_heads=max(1, width // 64), attention="sdpa")
+        cfg = dataclasses.replace(cfg, n_heads=heads, attention="sdpa")
     elif family == "gam-assoc":
-        cfg = dataclasses.replace(cfg, n_heads=max(1, width // 64))
+        cfg = dataclasses.replace(cfg, n_heads=heads)
     elif family == "mamba":
         cfg = dataclasses.replace(cfg, n_layers=2 * depth, stack="standard", expand=2, d_state=16, d_conv=4)
     return cfg

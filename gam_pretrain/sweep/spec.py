@@ -118,11 +118,12 @@ def check_spec(spec: SweepSpec) -> SweepSpec:
         raise ConfigError("a sweep needs at least one family, width and seed")
     if spec.lr.rule == "grid" and not spec.lr.grid:
         raise ConfigError("lr.rule 'grid' needs lr.grid: [values]")
-    for w in spec.widths:
-        try:
-            rung_config("gam", w)
-        except ValueError as e:
-            raise ConfigError(f"widths: {e}") from None
+    for family in spec.families:
+        for w in spec.widths:
+            try:
+                rung_config(family, w)
+            except ValueError as e:
+                raise ConfigError(f"widths: {e}") from None
     validate(spec.run)
     return spec
 
