@@ -11,7 +11,7 @@ from gam_pretrain.config import OptimConfig, RunConfig
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("arch", ["gam", "transformer", "mamba"])
+@pytest.mark.parametrize("arch", ["gam", "transformer", "mamba", "gam-assoc"])
 def test_bf16_training_steps_learn(arch):
     torch.manual_seed(0)
     cfg = RunConfig(model=tiny_model_config(arch=arch, d_model=64, block_size=64),
@@ -46,7 +46,7 @@ def test_torch_scan_on_cuda_matches_cpu():
 
 
 
-@pytest.mark.parametrize("arch", ["gam", "transformer", "mamba"])
+@pytest.mark.parametrize("arch", ["gam", "transformer", "mamba", "gam-assoc"])
 def test_fp32_forward_and_backward_on_cuda_match_cpu(arch, monkeypatch):
     """The shared pieces on CUDA (channels-last causal conv; the plain dropout and loss paths)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .fit import Law
 
-COLORS = {"gam": "tab:blue", "transformer": "tab:orange", "mamba": "tab:green"}
+COLORS = {"gam": "tab:blue", "transformer": "tab:orange", "mamba": "tab:green", "gam-assoc": "tab:red"}
 
 
 def _plt():
