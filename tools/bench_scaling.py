@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
+    revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     gpu = args.gpu
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -174,8 +177,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {
         "benchmark": "bench_scaling", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip(),
+        "git": revision,
         "command": "python tools/bench_scaling.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
         "device": device_name, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
         "width": width, "heads": heads, "seq_lens": seqs, "reps": args.reps,

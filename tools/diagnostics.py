@@ -1,8 +1,8 @@
 """Receptive field and associative recall of every family (gam_pretrain/eval/diagnostics.py).
 
     python tools/diagnostics.py --out results/diagnostics_cpu.json      # ~10 min on 2 cores
-    python tools/diagnostics.py --seq-lens 128,256 --families gam,transformer,gam-assoc --steps 400 \
-        --out results/diagnostics_recall_assoc_cpu.json                 # ~25 min on 2 cores
+    python tools/diagnostics.py --seq-lens 128,256 --families gam,transformer,gam-assoc --steps 600 \
+        --out results/diagnostics_recall_assoc_cpu.json                 # ~1 hour on one busy core
     python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Writes JSON and a PNG (same name): (a) the measured receptive field against GAM's theory
@@ -54,8 +54,9 @@ def receptive_fields(seq_len: int, widths: int) -> dict:
 
 
 def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers: int, families: list[str],
-           device: str = "cpu") -> list[dict]:
-    rows = []
+           device: str = "cpu", rows: list[dict] | None = None, after_each=lambda: None) -> list[dict]:
+    """Appends a row per (length, pairs, family) to `rows`, calling after_each() after every one."""
+    rows = [] if rows is None else rows
     for seq_len in seq_lens:
         for n in pairs:
             task = RecallTask(seq_len=seq_len, pairs=n, vocab=128)
@@ -67,11 +68,13 @@ def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers
                 rows.append({"family": name, "seq_len": seq_len, "pairs": n, **result})
                 print(f"recall {name:12s} T={seq_len:4d} pairs={n:3d}: accuracy {result['accuracy']:.3f} "
                       f"(chance {result['chance']:.3f}) in {result['seconds']:.0f}s", flush=True)
+                after_each()
     return rows
 
 
 def assoc_against_transformer(rows: list[dict]) -> list[dict]:
-    """Per (length, pairs) where both ran: gam-assoc's accuracy minus the Transformer's (same steps and width)."""
+    """Per (length, pairs) where both ran: both accuracies (same steps and width), and whether gam-assoc's
+    is at least the Transformer's."""
     acc = {(r["family"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows}
     return [{"seq_len": T, "pairs": n, "gam_assoc": acc[("gam-assoc", T, n)], "transformer": acc[("transformer", T, n)],
              "at_least_transformer": acc[("gam-assoc", T, n)] >= acc[("transformer", T, n)]}
@@ -120,18 +123,15 @@ def main() -> None:
     parser.add_argument("--seq-lens", default="64,128", help="recall: sequence lengths")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
+    revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     torch.manual_seed(0)
-    if args.smoke:
-        rf = receptive_fields(seq_len=24, widths=8)
-        rec = recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES))
-    else:
-        rf = receptive_fields(seq_len=64, widths=16)
-        rec = recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps, width=64, layers=2,
-                     families=args.families.split(","), device=args.device)
+    rf = receptive_fields(seq_len=24, widths=8) if args.smoke else receptive_fields(seq_len=64, widths=16)
+    rec: list[dict] = []
     result = {
         "benchmark": "diagnostics", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip(),
+        "git": revision,
         "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else
                                                      f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"
                                                      f" --seq-lens {args.seq_lens}"),
@@ -139,11 +139,20 @@ def main() -> None:
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
         "gam_receptive_field_equals_theory": all(r["equal"] for r in rf["rows"] if r["family"] == "gam"),
-        "gam_assoc_against_transformer": assoc_against_transformer(rec),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+
+    def save():  # after every recall cell: a run cut by a time limit keeps what it measured
+        result["gam_assoc_against_transformer"] = assoc_against_transformer(rec)
+        out.write_text(json.dumps(result, indent=1))
+
+    if args.smoke:
+        recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES), rows=rec, after_each=save)
+    else:
+        recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps,
+               width=64, layers=2, families=args.families.split(","), device=args.device, rows=rec, after_each=save)
+    save()
     plot(result, out.with_suffix(".png"))
     bad = [r for r in rf["rows"] if not r["equal"]]
     print(f"receptive field: {len(rf['rows']) - len(bad)}/{len(rf['rows'])} equal to theory"
