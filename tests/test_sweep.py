@@ -86,7 +86,7 @@ def test_tiny_sweep_end_to_end_skips_finished_and_resumes_killed_runs(tmp_path, 
     victim = runs[13]  # mamba d16, the larger budget: killed once it has a checkpoint
     proc = subprocess.Popen([PY, "-m", "gam_pretrain", "sweep", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # 13 runs before the victim: about 60 s alone, many times that on a loaded machine
     while time.time() < deadline and proc.poll() is None:
         if complete_checkpoints(victim.run_dir):  # not a glob: step_*/COMPLETE also matches step_N.partial/
             os.killpg(proc.pid, signal.SIGKILL)
@@ -119,6 +119,10 @@ def test_tiny_sweep_end_to_end_skips_finished_and_resumes_killed_runs(tmp_path, 
     for family, entry in result["families"].items():
         assert len(entry["points"]) == 6 and ("law" in entry or "error" in entry)
     assert len(result["comparison"]) == 7 and "best family per compute budget" in fit.stdout
+    assert sorted((m["width"], m["budget"]) for m in result["measured"]) == sorted(
+        (w, float(t)) for w in (16, 24, 32) for t in (8000, 16000))
+    assert all(set(m["loss"]) == {"gam", "transformer", "mamba"} for m in result["measured"])
+    assert "measured: lowest validation loss per budget and width" in fit.stdout
     for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png"):
         png = tmp_path / "tiny" / "fit" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
