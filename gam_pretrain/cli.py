@@ -16,7 +16,7 @@ from .config import (
 from .data.prep import PrepError
 from .data.recipes import recipe_names
 from .launch.submit import LaunchError
-from .models.common import ModelConfig
+from .models.common import HEADED_ARCHS, ModelConfig
 from .paper import DATASETS, MODEL_SLUGS, RECIPES, SCALES, TABLES
 from .sweep.ladder import FAMILIES
 from .sweep.spec import SweepSpec
@@ -250,7 +250,7 @@ def cmd_ladder(args, overrides):
     for family in ([args.family] if args.family else list(FAMILIES)):
         for rung in ladder(family, widths, base):
             rows.append({"family": family, "width": rung.width, "n_layers": rung.config.n_layers,
-                         "n_heads": rung.config.n_heads if family in ("transformer", "gam-assoc") else None,
+                         "n_heads": rung.config.n_heads if family in HEADED_ARCHS else None,
                          "params": rung.params, "non_embedding_params": rung.non_embedding_params,
                          "train_flops_per_token": rung.flops_per_token,
                          "flops_per_token_over_6N": rung.flops_per_token / (6 * rung.params)})

@@ -24,7 +24,7 @@ import yaml
 
 from .data.prep import PrepConfig
 from .data.recipes import load_recipe, recipe_names
-from .models.common import ModelConfig
+from .models.common import HEADED_ARCHS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -494,7 +494,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in MUST_BE_POSITIVE:
         if not value_at(cfg, key) > 0:
             raise ConfigError(f"'{key}' must be positive, got {value_at(cfg, key)}")
-    if cfg.model.arch in ("transformer", "gam-assoc") and cfg.model.d_model % cfg.model.n_heads:
+    if cfg.model.arch in HEADED_ARCHS and cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})")
     steps = cfg.train.profile_steps
     if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]):

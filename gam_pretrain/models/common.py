@@ -11,6 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+HEADED_ARCHS = ("transformer", "gam-assoc")  # architectures whose n_heads splits d_model
+
+
 @dataclass
 class ModelConfig:
     """One config for every family; each family reads the fields it needs.

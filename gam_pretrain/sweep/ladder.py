@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..models import ModelConfig, build_model
+from ..models.common import HEADED_ARCHS
 
 FAMILIES = ("gam", "transformer", "mamba", "gam-assoc")  # each family is also the name of its registry architecture
 # widths from ~1M parameters (vocab 10k) to past 1B; smaller ones exist for CPU-scale tests
@@ -46,7 +47,7 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
     depth = max(2, width // 64)
     cfg = dataclasses.replace(base, arch=family, d_model=width, n_layers=depth)
     heads = max(1, width // 64)
-    if family in ("transformer", "gam-assoc") and width % heads:
+    if family in HEADED_ARCHS and width % heads:
         raise ValueError(f"width {width} does not divide into its {heads} heads of about 64 ({family})")
     if family == "transformer":
         cfg = dataclasses.replace(cfg, n_heads=heads, attention="sdpa")
