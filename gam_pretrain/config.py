@@ -247,7 +247,9 @@ ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "opti
                           "data.packing": "separators", "train.eval_mean": "tokens",
                           "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {},
                           "train.profile_steps": [], "optim.decay_fraction": 0.2, "optim.decay_start": 0,
-                          "train.cooldown_from": ""}
+                          "train.cooldown_from": "", "model.assoc_conv": 4}
+# (model.assoc_conv: only gam-assoc reads it; its one day of runs before it existed had no such conv, and
+# their checkpoints lack the conv's weights)
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
@@ -473,7 +475,7 @@ MUST_BE_POSITIVE = ("model.vocab_size", "model.block_size", "model.d_model", "mo
 MAY_BE_ZERO = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.eval_interval", "train.eval_batches",
                "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.min_lr_ratio", "optim.eps",
                "optim.decay_start", "checkpoint.interval_steps", "checkpoint.interval_minutes", "checkpoint.keep_last",
-               "checkpoint.keep_every", "train.micro_batch_size", "data.num_workers", "data.prep_workers", "launch.nodes",
+               "checkpoint.keep_every", "model.assoc_conv", "train.micro_batch_size", "data.num_workers", "data.prep_workers", "launch.nodes",
                "launch.tasks_per_node", "launch.gpus_per_node", "launch.cpus_per_task", "launch.mem_gb",
                "launch.time_minutes", "launch.signal_delay_s", "launch.max_requeues")
 

@@ -18,7 +18,7 @@ class ArchSpec:
     family: str
     build: Callable[[ModelConfig], LMHeadModel]
     description: str
-    options: dict[str, tuple[str, ...]]  # config fields that select sub-variants, with their values
+    options: dict[str, tuple[str | int, ...]]  # config fields that select sub-variants, with their values
 
 
 REGISTRY: dict[str, ArchSpec] = {
@@ -27,7 +27,8 @@ REGISTRY: dict[str, ArchSpec] = {
     "gam-global-only": ArchSpec("gam", lambda c: GAM(c, "global"), "GAM ablation: memory only", {}),
     "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {}),
     "gam-assoc": ArchSpec("gam-assoc", GAMAssoc, "GAM-Assoc (beyond the paper): GAM's gated local + global "
-                          "pathways, the global one a causal delta-rule associative memory read by content", {}),
+                          "pathways, the global one a causal delta-rule associative memory read by content",
+                          {"assoc_conv": (4, 0)}),
     "transformer": ArchSpec(
         "transformer", Transformer, "GPT-style pre-LN Transformer", {"attention": ("naive", "sdpa")}
     ),

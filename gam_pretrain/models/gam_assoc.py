@@ -8,7 +8,7 @@ before, by beta_t of the way), and every position reads it with its query: O(T) 
 state, and a receptive field of the whole prefix. Per block, with h = LN(x):
 
     local            = depthwise causal conv1d(h), kernel k                  (GAM's local pathway)
-    q_t, k_t, v_t    = split(Linear(C, 3C)(h_t)) per head; q_t, k_t scaled to unit length
+    q_t, k_t, v_t    = split(SiLU(conv1d_4(Linear(C, 3C)(h)))_t) per head; q_t, k_t scaled to unit length
     beta_t           = sigmoid(Linear(C, H)(h_t))                            write strength per head
     S_t              = S_{t-1} + beta_t (v_t - S_{t-1} k_t) k_t^T            S_0 = 0
     read_t           = RMSNorm(S_t q_t) per head                             all heads: (T, C)
@@ -16,6 +16,12 @@ state, and a receptive field of the whole prefix. Per block, with h = LN(x):
     g_l, g_g         = split(Linear(C, 2C)(h))
     x = x + dropout(sigmoid(g_l) * local + sigmoid(g_g) * global)           (GAM's gated fusion)
     x = x + FFN(LN(x))
+
+conv1d_4 is a second depthwise causal conv (width `assoc_conv`, 4), over the projected q, k, v: it lets a
+token's key hold the tokens just before it, so that one layer can store "b follows a" under a's key and
+read it back when a comes again (the short convolution of DeltaNet and Mamba). Without it (assoc_conv 0,
+this block's first version) only the next layer's keys see earlier tokens, through the local pathway,
+and multi-query recall at T=256 with 16 pairs stayed at chance (results/diagnostics_recall_assoc_t256_cpu.json).
 
 `delta_rule` is that recurrence as written (the definition, and the decoding step); training runs
 `delta_rule_chunked`, the same function computed a chunk at a time (DeltaNet's chunkwise form, Yang
@@ -98,6 +104,7 @@ class GAMAssocBlock(nn.Module):
         self.ln1 = nn.LayerNorm(C)
         self.conv = CausalDepthwiseConv(C, cfg.conv_kernel)
         self.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.qkv_conv = CausalDepthwiseConv(3 * C, cfg.assoc_conv) if cfg.assoc_conv else None
         self.write = nn.Linear(C, cfg.n_heads)  # beta
         self.read_norm = nn.RMSNorm(C // cfg.n_heads, eps=1e-5)
         self.out = nn.Linear(C, C, bias=False)
@@ -110,7 +117,10 @@ class GAMAssocBlock(nn.Module):
         B, T, C = x.shape
         h = self.ln1(x)
         local = self.conv(h) if state is None else causal_conv_decode(self.conv, h, state, "h")
-        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(h)
+        if self.qkv_conv is not None:
+            qkv = F.silu(self.qkv_conv(qkv) if state is None else causal_conv_decode(self.qkv_conv, qkv, state, "qkv"))
+        q, k, v = qkv.view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.write(h)).transpose(1, 2)  # (B, H, T)
         if state is None:
@@ -146,6 +156,7 @@ class GAMAssoc(LMHeadModel):
         return {
             "conv": L * 2 * C * c.conv_kernel,
             "qkv": L * 2 * C * 3 * C,
+            "qkv_conv": L * 2 * 3 * C * c.assoc_conv,
             "write": L * 2 * C * H,
             # per head and token, chunked: the triangular solve's inputs (K K^T) and W, U (c d each, x3),
             # Q K^T and its product with the new values (c d each), Q S^T, W S^T and the state update (d^2 each);
