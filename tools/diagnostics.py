@@ -54,31 +54,48 @@ def receptive_fields(seq_len: int, widths: int) -> dict:
 
 
 def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers: int, families: list[str],
-           device: str = "cpu", rows: list[dict] | None = None, after_each=lambda: None) -> list[dict]:
-    """Appends a row per (length, pairs, family) to `rows`, calling after_each() after every one."""
+           device: str = "cpu", seeds: int = 1, rows: list[dict] | None = None, after_each=lambda: None) -> list[dict]:
+    """Appends a row per (length, pairs, family, seed) to `rows`, calling after_each() after every one.
+    A seed sets the model's init and its batches; seed 0 alone is what one-seed runs measured."""
     rows = [] if rows is None else rows
     for seq_len in seq_lens:
         for n in pairs:
             task = RecallTask(seq_len=seq_len, pairs=n, vocab=128)
-            for name in families:
-                arch = FAMILIES[name]
-                cfg = ModelConfig(vocab_size=task.vocab, block_size=seq_len, d_model=width, n_layers=layers,
-                                  memory_slots=64, n_heads=max(1, width // 32), d_state=16, dropout=0.0, **arch)
-                result = train_recall(cfg, task, steps=steps, device=device)
-                rows.append({"family": name, "seq_len": seq_len, "pairs": n, **result})
-                print(f"recall {name:12s} T={seq_len:4d} pairs={n:3d}: accuracy {result['accuracy']:.3f} "
-                      f"(chance {result['chance']:.3f}) in {result['seconds']:.0f}s", flush=True)
-                after_each()
+            for seed in range(seeds):
+                for name in families:
+                    arch = FAMILIES[name]
+                    cfg = ModelConfig(vocab_size=task.vocab, block_size=seq_len, d_model=width, n_layers=layers,
+                                      memory_slots=64, n_heads=max(1, width // 32), d_state=16, dropout=0.0, **arch)
+                    result = train_recall(cfg, task, steps=steps, seed=seed, device=device)
+                    rows.append({"family": name, "seq_len": seq_len, "pairs": n, "seed": seed, **result})
+                    print(f"recall {name:12s} T={seq_len:4d} pairs={n:3d} seed {seed}: accuracy {result['accuracy']:.3f} "
+                          f"(chance {result['chance']:.3f}) in {result['seconds']:.0f}s", flush=True)
+                    after_each()
     return rows
 
 
+def cell_accuracies(rows: list[dict]) -> dict[tuple[str, int, int], list[float]]:
+    """(family, length, pairs) -> its accuracy at every seed run, in seed order."""
+    out: dict[tuple[str, int, int], list[float]] = {}
+    for r in sorted(rows, key=lambda r: r.get("seed", 0)):
+        out.setdefault((r["family"], r["seq_len"], r["pairs"]), []).append(r["accuracy"])
+    return out
+
+
 def assoc_against_transformer(rows: list[dict]) -> list[dict]:
-    """Per (length, pairs) where both ran: both accuracies (same steps and width), and whether gam-assoc's
-    is at least the Transformer's."""
-    acc = {(r["family"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows}
-    return [{"seq_len": T, "pairs": n, "gam_assoc": acc[("gam-assoc", T, n)], "transformer": acc[("transformer", T, n)],
-             "at_least_transformer": acc[("gam-assoc", T, n)] >= acc[("transformer", T, n)]}
-            for (family, T, n) in acc if family == "transformer" and ("gam-assoc", T, n) in acc]
+    """Per (length, pairs) where both ran at the same seeds: both mean accuracies over those seeds (same
+    steps and width), each seed's, and whether gam-assoc's mean is at least the Transformer's."""
+    acc = cell_accuracies(rows)
+    out = []
+    for (family, T, n), transformer in acc.items():
+        assoc = acc.get(("gam-assoc", T, n), [])
+        if family != "transformer" or len(assoc) != len(transformer):
+            continue
+        mean_assoc, mean_transformer = sum(assoc) / len(assoc), sum(transformer) / len(transformer)
+        out.append({"seq_len": T, "pairs": n, "seeds": len(assoc), "gam_assoc": mean_assoc,
+                    "transformer": mean_transformer, "gam_assoc_per_seed": assoc, "transformer_per_seed": transformer,
+                    "at_least_transformer": mean_assoc >= mean_transformer})
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -98,13 +115,16 @@ def plot(result: dict, path: Path) -> None:
     ax_p.set(yscale="log", xlabel="distance back from the output position", ylabel="|d logit / d input embedding|",
              title="input-gradient profile, 6 layers, kernel 3", ylim=(1e-30, None))
     ax_p.legend(fontsize=8)
+    acc = cell_accuracies(result["recall"])
     for name in sorted({r["family"] for r in result["recall"]}, key=list(FAMILIES).index):
-        rows = [r for r in result["recall"] if r["family"] == name]
-        labels = [f"T{r['seq_len']}/{r['pairs']}kv" for r in rows]
-        ax_r.plot(labels, [r["accuracy"] for r in rows], "o-", label=name)
+        cells = [(T, n, a) for (family, T, n), a in acc.items() if family == name]
+        labels = [f"T{T}/{n}kv" for T, n, _ in cells]
+        means = [sum(a) / len(a) for _, _, a in cells]
+        spread = [[m - min(a) for m, (_, _, a) in zip(means, cells)], [max(a) - m for m, (_, _, a) in zip(means, cells)]]
+        ax_r.errorbar(labels, means, yerr=spread, fmt="o-", capsize=3, label=name)
     if result["recall"]:
         ax_r.axhline(result["recall"][0]["chance"], color="grey", ls=":", lw=0.8, label="chance")
-    ax_r.set(ylim=(0, 1.05), xlabel="sequence length / key-value pairs", ylabel="query accuracy",
+    ax_r.set(ylim=(0, 1.05), xlabel="sequence length / key-value pairs", ylabel="query accuracy (mean, min-max over seeds)",
              title="multi-query associative recall")
     ax_r.tick_params(axis="x", rotation=45, labelsize=7)
     ax_r.legend(fontsize=8)
@@ -121,6 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="recall: cpu or cuda (the receptive field is measured on CPU)")
     parser.add_argument("--pairs", default="4,8,16", help="recall: key-value pair counts")
     parser.add_argument("--seq-lens", default="64,128", help="recall: sequence lengths")
+    parser.add_argument("--seeds", type=int, default=1, help="recall: train every cell with seeds 0..N-1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
@@ -134,7 +155,7 @@ def main() -> None:
         "git": revision,
         "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else
                                                      f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"
-                                                     f" --seq-lens {args.seq_lens}"),
+                                                     f" --seq-lens {args.seq_lens} --seeds {args.seeds}"),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
@@ -151,14 +172,15 @@ def main() -> None:
         recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES), rows=rec, after_each=save)
     else:
         recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps,
-               width=64, layers=2, families=args.families.split(","), device=args.device, rows=rec, after_each=save)
+               width=64, layers=2, families=args.families.split(","), device=args.device, seeds=args.seeds, rows=rec,
+               after_each=save)
     save()
     plot(result, out.with_suffix(".png"))
     bad = [r for r in rf["rows"] if not r["equal"]]
     print(f"receptive field: {len(rf['rows']) - len(bad)}/{len(rf['rows'])} equal to theory"
           + (f"; differ: {bad}" if bad else ""))
     for row in result["gam_assoc_against_transformer"]:
-        print(f"T={row['seq_len']} pairs={row['pairs']}: gam-assoc {row['gam_assoc']:.3f} vs transformer "
+        print(f"T={row['seq_len']} pairs={row['pairs']} ({row['seeds']} seeds): gam-assoc {row['gam_assoc']:.3f} vs transformer "
               f"{row['transformer']:.3f}" + ("" if row["at_least_transformer"] else "  (below the Transformer)"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
