@@ -247,9 +247,7 @@ ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "opti
                           "data.packing": "separators", "train.eval_mean": "tokens",
                           "train.micro_batch_size": 0, "data.mixture": {}, "data.mixture_max_epochs": {},
                           "train.profile_steps": [], "optim.decay_fraction": 0.2, "optim.decay_start": 0,
-                          "train.cooldown_from": "", "model.assoc_conv": 4}
-# (model.assoc_conv: only gam-assoc reads it; its one day of runs before it existed had no such conv, and
-# their checkpoints lack the conv's weights)
+                          "train.cooldown_from": "", "model.assoc_conv": 0}
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:

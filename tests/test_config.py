@@ -184,7 +184,7 @@ def test_settings_added_later_keep_older_sweep_run_names():
              "train.eval_mean": "batches", "train.micro_batch_size": 4, "data.mixture": {"data/a": 1.0},
              "data.mixture_max_epochs": {"data/a": 2.0}, "train.profile_steps": [1, 2], "optim.decay_fraction": 0.5,
              "optim.decay_start": 7, "train.cooldown_from": "runs/s/checkpoints/step_00000010",
-             "model.assoc_conv": 0}
+             "model.assoc_conv": 4}
     assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
     for key, value in other.items():
         cfg = RunConfig()

@@ -28,7 +28,7 @@ REGISTRY: dict[str, ArchSpec] = {
     "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {}),
     "gam-assoc": ArchSpec("gam-assoc", GAMAssoc, "GAM-Assoc (beyond the paper): GAM's gated local + global "
                           "pathways, the global one a causal delta-rule associative memory read by content",
-                          {"assoc_conv": (4, 0)}),
+                          {"assoc_conv": (0, 4)}),
     "transformer": ArchSpec(
         "transformer", Transformer, "GPT-style pre-LN Transformer", {"attention": ("naive", "sdpa")}
     ),

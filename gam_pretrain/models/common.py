@@ -33,7 +33,7 @@ class ModelConfig:
     conv_kernel: int = 3  # GAM: width k of the depthwise causal conv
     # Transformer
     n_heads: int = 8  # Transformer: attention heads; gam-assoc: memory heads (d_model must divide by it)
-    assoc_conv: int = 4  # gam-assoc: width of the causal depthwise conv over q, k, v before the memory (0: none, its first version)
+    assoc_conv: int = 0  # gam-assoc: width of a causal depthwise conv (and SiLU) over q, k, v before the memory; 0: none
     attention: Literal["naive", "sdpa"] = "sdpa"  # Transformer: naive: the T x T softmax, as the paper; sdpa: same function, fused kernels
     # Mamba
     stack: Literal["paper", "standard"] = "standard"  # Mamba: paper: bare mixers, as the paper ran; standard: pre-norm residual blocks

@@ -8,7 +8,7 @@ before, by beta_t of the way), and every position reads it with its query: O(T) 
 state, and a receptive field of the whole prefix. Per block, with h = LN(x):
 
     local            = depthwise causal conv1d(h), kernel k                  (GAM's local pathway)
-    q_t, k_t, v_t    = split(SiLU(conv1d_4(Linear(C, 3C)(h)))_t) per head; q_t, k_t scaled to unit length
+    q_t, k_t, v_t    = split(Linear(C, 3C)(h_t)) per head; q_t, k_t scaled to unit length
     beta_t           = sigmoid(Linear(C, H)(h_t))                            write strength per head
     S_t              = S_{t-1} + beta_t (v_t - S_{t-1} k_t) k_t^T            S_0 = 0
     read_t           = RMSNorm(S_t q_t) per head                             all heads: (T, C)
@@ -17,11 +17,12 @@ state, and a receptive field of the whole prefix. Per block, with h = LN(x):
     x = x + dropout(sigmoid(g_l) * local + sigmoid(g_g) * global)           (GAM's gated fusion)
     x = x + FFN(LN(x))
 
-conv1d_4 is a second depthwise causal conv (width `assoc_conv`, 4), over the projected q, k, v: it lets a
-token's key hold the tokens just before it, so that one layer can store "b follows a" under a's key and
-read it back when a comes again (the short convolution of DeltaNet and Mamba). Without it (assoc_conv 0,
-this block's first version) only the next layer's keys see earlier tokens, through the local pathway,
-and multi-query recall at T=256 with 16 pairs stayed at chance (results/diagnostics_recall_assoc_t256_cpu.json).
+With `assoc_conv` = w > 0, q, k, v are SiLU(conv1d_w(Linear(C, 3C)(h))) instead: a second depthwise causal
+conv over the projections (DeltaNet's short convolution), so a token's key can hold the tokens before it and
+one layer can file "b follows a" under a's key; without it only the next layer's keys see earlier tokens,
+through the local pathway. Measured at CPU scale (README, "Results (beyond the paper)") it learned recall
+with 16 pairs at T=256 in 1,500 steps where the block without it did not, but was slower to learn it
+elsewhere and worse on language modelling, so it is an option, off by default.
 
 `delta_rule` is that recurrence as written (the definition, and the decoding step); training runs
 `delta_rule_chunked`, the same function computed a chunk at a time (DeltaNet's chunkwise form, Yang
