@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="recall: train every cell with seeds 0..N-1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: train every cell with at least one seed")
     # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
     revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
