@@ -24,6 +24,7 @@ import yaml
 
 from .data.prep import PrepConfig
 from .data.recipes import load_recipe, recipe_names
+from .models import unread_fields
 from .models.common import HEADED_ARCHS, ModelConfig
 
 
@@ -251,9 +252,14 @@ ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "opti
 
 
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
-    """A (section of a) to_dict(cfg), less ADDED_SINCE_FIRST_RUNS keys at their old values."""
+    """A (section of a) to_dict(cfg), less ADDED_SINCE_FIRST_RUNS keys at their old values, and less
+    the model's later-added keys its family never reads, whatever their values (a Transformer is the
+    same run at any model.assoc_conv). Keys older than that rule stay even when unread: they were in
+    run names before it, and those names must keep finding their runs."""
+    unread = unread_fields(d["arch"]) if prefix == "model." and "arch" in d else frozenset()
     return {k: without_later_defaults(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
-            if ADDED_SINCE_FIRST_RUNS.get(f"{prefix}{k}", object()) != v}
+            if ADDED_SINCE_FIRST_RUNS.get(f"{prefix}{k}", object()) != v
+            and not (k in unread and f"{prefix}{k}" in ADDED_SINCE_FIRST_RUNS)}
 
 
 # ---- reading and writing ------------------------------------------------------------------------

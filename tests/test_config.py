@@ -187,10 +187,16 @@ def test_settings_added_later_keep_older_sweep_run_names():
              "model.assoc_conv": 4}
     assert other.keys() == ADDED_SINCE_FIRST_RUNS.keys()
     for key, value in other.items():
-        cfg = RunConfig()
+        cfg, later = RunConfig(), RunConfig()
+        if key == "model.assoc_conv":  # only gam-assoc reads it
+            cfg.model.arch = later.model.arch = "gam-assoc"
         section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-        assert content_hash(cfg) != "d846944c4a", key
+        setattr(getattr(later, section), name, value)
+        assert content_hash(later) != content_hash(cfg), key
+    # a later setting the family never reads leaves its runs' names as they were, whatever its value
+    unread = RunConfig()
+    unread.model.assoc_conv = 4
+    assert content_hash(unread) == "d846944c4a"
 
 
 def test_the_global_batch_is_cut_by_the_world_size_or_refused_in_one_line():

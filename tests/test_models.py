@@ -218,6 +218,38 @@ def test_registry_lists_all_families():
     assert all(math.isfinite(build_model(c).flops_per_token()) for _, c in variant_configs(tiny_model_config()))
 
 
+# a second valid value of every ModelConfig field a family might not read
+OTHER_VALUES = {"mix_dropout": False, "memory_slots": 8, "conv_kernel": 2, "n_heads": 4, "assoc_conv": 4,
+                "attention": "naive", "stack": "paper", "d_state": 8, "d_conv": 2, "expand": 3, "scan": "chunked"}
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_fields_a_family_does_not_read_change_nothing(arch):
+    """unread_fields (left out of run identities) is exact: setting any of them to another value
+    builds the same parameters and gives the same training-mode logits, dropout included."""
+    from dataclasses import fields, replace
+
+    from gam_pretrain.models import unread_fields
+
+    base = replace(tiny_model_config(), arch=arch, dropout=0.1, d_model=32, n_heads=2)
+    assert set(OTHER_VALUES) | {"arch", "vocab_size", "block_size", "d_model", "n_layers", "dropout", "init",
+                                "init_std"} == {f.name for f in fields(ModelConfig)}
+    idx = torch.randint(0, base.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits(cfg):
+        model = build_model(cfg, seed=3).train()
+        torch.manual_seed(5)
+        return model(idx), {k: v.shape for k, v in model.state_dict().items()}
+
+    want, shapes = logits(base)
+    for name in sorted(unread_fields(arch)):
+        got, got_shapes = logits(replace(base, **{name: OTHER_VALUES[name]}))
+        assert got_shapes == shapes and torch.equal(got, want), name
+    read = sorted(set(OTHER_VALUES) - unread_fields(arch) - {"scan", "attention"})  # same function, other kernels
+    assert read and all(not torch.equal(logits(replace(base, **{name: OTHER_VALUES[name]}))[0], want)
+                        for name in read), read
+
+
 def test_bench_records_every_matmul_of_a_training_step():
     """tools/bench_models.py's matmul replay (the fraction-of-peak ceiling) sees exactly the analytic
     training FLOPs, less the conv (not a matmul)."""

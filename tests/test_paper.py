@@ -5,6 +5,7 @@ diagnostics tools write their JSON and PNG. (That the paper recipe is the paper 
 test_transplant.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,6 +90,23 @@ def test_table_commands_run_at_smoke_scale_and_share_runs(tmp_path):
     again = paper("table3")
     assert again.stdout.count("done already") == 1 and "900.84" in (tmp_path / "table3.md").read_text()
     assert len(json.loads((tmp_path / "table3.json").read_text())["rows"]) == 4
+
+
+def test_a_finished_run_is_read_back_whatever_the_fields_its_family_never_reads(tmp_path):
+    """A Transformer row's finished run is the same run at any model.assoc_conv or memory_slots (it
+    reads neither); a field it reads, or another recipe, is refused in one line naming the field."""
+    from gam_pretrain.config import ConfigError, dump_yaml
+    from gam_pretrain.paper import finished_summary, row_config
+
+    cfg = row_config("wikitext2", "smoke", "fair", {"arch": "transformer", "attention": "sdpa"}, 0)
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    (tmp_path / "summary.json").write_text(json.dumps({"val_ppl": 123.0}))
+    assert finished_summary(tmp_path, cfg) == {"val_ppl": 123.0}
+    for unread in ({"assoc_conv": 4}, {"memory_slots": 7}):
+        assert finished_summary(tmp_path, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **unread))) \
+            == {"val_ppl": 123.0}
+    with pytest.raises(ConfigError, match=r"differs in model\.n_heads\); use another --out"):
+        finished_summary(tmp_path, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_heads=1)))
 
 
 @pytest.mark.parametrize("dataset", ["wikitext2", "tinystories"])

@@ -169,6 +169,11 @@ def test_resume_refuses_a_checkpoint_from_another_model(tmp_path, prepared_small
     train(load_config(None, base), log=lambda *a: None)
     with pytest.raises(CheckpointMismatchError, match="model.d_model=32, this run has model.d_model=48"):
         train(load_config(None, base + ["train.max_steps=4", "model.d_model=48"]), log=lambda *a: None)
+    # fields a GAM never reads (the attention kernel, gam-assoc's conv) do not make it another model
+    stopped = base + ["train.run_name=s", "train.max_steps=4"]
+    train(load_config(None, stopped + ["train.stop_at_step=2"]), log=lambda *a: None)
+    resumed = train(load_config(None, stopped + ["model.attention=naive", "model.assoc_conv=4"]), log=lambda *a: None)
+    assert resumed.summary["steps"] == 4
 
 
 def test_a_cooldown_branch_of_a_stable_run_is_the_wsd_run_of_that_length(tmp_path, prepared_small, capsys):

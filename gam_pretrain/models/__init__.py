@@ -1,7 +1,7 @@
 """Model registry: every architecture is built by name from one ModelConfig."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -19,21 +19,37 @@ class ArchSpec:
     build: Callable[[ModelConfig], LMHeadModel]
     description: str
     options: dict[str, tuple[str | int, ...]]  # config fields that select sub-variants, with their values
+    reads: tuple[str, ...] = ()  # the ModelConfig fields this family reads beyond EVERY_FAMILY_READS
 
+
+EVERY_FAMILY_READS = ("arch", "vocab_size", "block_size", "d_model", "n_layers", "dropout", "init", "init_std")
+_GAM_READS = ("mix_dropout", "memory_slots", "conv_kernel")  # the ablations without one pathway drop its field
 
 REGISTRY: dict[str, ArchSpec] = {
-    "gam": ArchSpec("gam", lambda c: GAM(c, "gated"), "GAM: gated local conv + global memory (paper)", {}),
-    "gam-sum": ArchSpec("gam", lambda c: GAM(c, "sum"), "GAM ablation: local + global, no gate", {}),
-    "gam-global-only": ArchSpec("gam", lambda c: GAM(c, "global"), "GAM ablation: memory only", {}),
-    "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {}),
+    "gam": ArchSpec("gam", lambda c: GAM(c, "gated"), "GAM: gated local conv + global memory (paper)", {}, _GAM_READS),
+    "gam-sum": ArchSpec("gam", lambda c: GAM(c, "sum"), "GAM ablation: local + global, no gate", {}, _GAM_READS),
+    "gam-global-only": ArchSpec("gam", lambda c: GAM(c, "global"), "GAM ablation: memory only", {},
+                                ("mix_dropout", "memory_slots")),
+    "gam-local-only": ArchSpec("gam", lambda c: GAM(c, "local"), "GAM ablation: causal conv only", {},
+                               ("mix_dropout", "conv_kernel")),
     "gam-assoc": ArchSpec("gam-assoc", GAMAssoc, "GAM-Assoc (beyond the paper): GAM's gated local + global "
                           "pathways, the global one a causal delta-rule associative memory read by content",
-                          {"assoc_conv": (0, 4)}),
-    "transformer": ArchSpec(
-        "transformer", Transformer, "GPT-style pre-LN Transformer", {"attention": ("naive", "sdpa")}
-    ),
-    "mamba": ArchSpec("mamba", Mamba, "Mamba selective SSM", {"stack": ("paper", "standard")}),
+                          {"assoc_conv": (0, 4)}, ("mix_dropout", "conv_kernel", "n_heads", "assoc_conv")),
+    "transformer": ArchSpec("transformer", Transformer, "GPT-style pre-LN Transformer",
+                            {"attention": ("naive", "sdpa")}, ("n_heads", "attention")),
+    "mamba": ArchSpec("mamba", Mamba, "Mamba selective SSM", {"stack": ("paper", "standard")},
+                      ("stack", "d_state", "d_conv", "expand", "scan")),
 }
+
+
+def unread_fields(arch: str) -> frozenset[str]:
+    """The ModelConfig fields `arch` never reads: whatever their values, its runs are the same, so
+    run identities (checkpoint fingerprints, finished-run read-back, sweep run names) leave them out.
+    An unknown arch reads everything (the config check names it)."""
+    spec = REGISTRY.get(arch)
+    if spec is None:
+        return frozenset()
+    return frozenset(f.name for f in fields(ModelConfig)) - set(EVERY_FAMILY_READS) - set(spec.reads)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, materialize: bool = True) -> LMHeadModel:
@@ -62,4 +78,4 @@ def variant_configs(base: ModelConfig) -> list[tuple[str, ModelConfig]]:
     return out
 
 
-__all__ = ["REGISTRY", "ArchSpec", "LMHeadModel", "ModelConfig", "build_model", "variant_configs"]
+__all__ = ["REGISTRY", "ArchSpec", "LMHeadModel", "ModelConfig", "build_model", "unread_fields", "variant_configs"]
