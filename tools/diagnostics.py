@@ -23,6 +23,7 @@ import torch
 
 from gam_pretrain.eval.diagnostics import RecallTask, input_gradient_profile, receptive_field, train_recall
 from gam_pretrain.models import ModelConfig, build_model
+from gam_pretrain.sweep.ladder import HEAD_SIZE  # at the recall width 64: one head, one 64 x 64 memory
 
 FAMILIES = {
     "gam": dict(arch="gam"),
@@ -54,9 +55,11 @@ def receptive_fields(seq_len: int, widths: int) -> dict:
 
 
 def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers: int, families: list[str],
-           device: str = "cpu", seeds: int = 1, rows: list[dict] | None = None, after_each=lambda: None) -> list[dict]:
+           device: str = "cpu", seeds: int = 1, head_size: int = HEAD_SIZE, rows: list[dict] | None = None,
+           after_each=lambda: None) -> list[dict]:
     """Appends a row per (length, pairs, family, seed) to `rows`, calling after_each() after every one.
-    A seed sets the model's init and its batches; seed 0 alone is what one-seed runs measured."""
+    A seed sets the model's init and its batches; seed 0 alone is what one-seed runs measured. The
+    headed families (Transformer, gam-assoc) get width / head_size heads."""
     rows = [] if rows is None else rows
     for seq_len in seq_lens:
         for n in pairs:
@@ -65,9 +68,11 @@ def recall(seq_lens: list[int], pairs: list[int], steps: int, width: int, layers
                 for name in families:
                     arch = FAMILIES[name]
                     cfg = ModelConfig(vocab_size=task.vocab, block_size=seq_len, d_model=width, n_layers=layers,
-                                      memory_slots=64, n_heads=max(1, width // 32), d_state=16, dropout=0.0, **arch)
+                                      memory_slots=64, n_heads=max(1, width // head_size), d_state=16, dropout=0.0,
+                                      **arch)
                     result = train_recall(cfg, task, steps=steps, seed=seed, device=device)
-                    rows.append({"family": name, "seq_len": seq_len, "pairs": n, "seed": seed, **result})
+                    rows.append({"family": name, "seq_len": seq_len, "pairs": n, "seed": seed, "n_heads": cfg.n_heads,
+                                 **result})
                     print(f"recall {name:12s} T={seq_len:4d} pairs={n:3d} seed {seed}: accuracy {result['accuracy']:.3f} "
                           f"(chance {result['chance']:.3f}) in {result['seconds']:.0f}s", flush=True)
                     after_each()
@@ -142,10 +147,15 @@ def main() -> None:
     parser.add_argument("--pairs", default="4,8,16", help="recall: key-value pair counts")
     parser.add_argument("--seq-lens", default="64,128", help="recall: sequence lengths")
     parser.add_argument("--seeds", type=int, default=1, help="recall: train every cell with seeds 0..N-1")
+    parser.add_argument("--head-size", type=int, default=HEAD_SIZE,
+                        help="recall: the Transformer's and gam-assoc's head size (the sweep ladder's; files made "
+                             "before this option used 32)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: train every cell with at least one seed")
+    if args.head_size < 1 or 64 % args.head_size:
+        parser.error(f"--head-size {args.head_size}: it must divide the recall models' width, 64")
     # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
     revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -157,7 +167,7 @@ def main() -> None:
         "git": revision,
         "command": "python tools/diagnostics.py" + (" --smoke" if args.smoke else
                                                      f" --steps {args.steps} --families {args.families} --device {args.device} --pairs {args.pairs}"
-                                                     f" --seq-lens {args.seq_lens} --seeds {args.seeds}"),
+                                                     f" --seq-lens {args.seq_lens} --seeds {args.seeds} --head-size {args.head_size}"),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "receptive_field": rf, "recall": rec,
@@ -174,8 +184,8 @@ def main() -> None:
         recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES), rows=rec, after_each=save)
     else:
         recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps,
-               width=64, layers=2, families=args.families.split(","), device=args.device, seeds=args.seeds, rows=rec,
-               after_each=save)
+               width=64, layers=2, families=args.families.split(","), device=args.device, seeds=args.seeds,
+               head_size=args.head_size, rows=rec, after_each=save)
     save()
     plot(result, out.with_suffix(".png"))
     bad = [r for r in rf["rows"] if not r["equal"]]

@@ -38,6 +38,9 @@ class Rung:
         return f"{self.family}-d{self.width}"
 
 
+HEAD_SIZE = 64  # the Transformer's heads and gam-assoc's memory heads: width / 64 of them, at least one
+
+
 def rung_config(family: str, width: int, base: ModelConfig | None = None) -> ModelConfig:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -46,7 +49,7 @@ def rung_config(family: str, width: int, base: ModelConfig | None = None) -> Mod
     base = base or ModelConfig()
     depth = max(2, width // 64)
     cfg = dataclasses.replace(base, arch=family, d_model=width, n_layers=depth)
-    heads = max(1, width // 64)
+    heads = max(1, width // HEAD_SIZE)
     if family in HEADED_ARCHS and width % heads:
         raise ValueError(f"width {width} does not divide into its {heads} heads of about 64 ({family})")
     if family == "transformer":
