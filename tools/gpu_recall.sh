@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Associative recall on a lent GPU (results to $OUT): GAM, the Transformer and GAM-Assoc at T = 128
-# and 256 with 4/8/16 pairs, trained long enough to separate (2000 steps; issue 19's longer runs);
+# and 256 with 4/8/16 pairs (heads of 64, the diagnostics default), trained long enough to separate
+# (2000 steps; issue 19's longer runs);
 # Mamba is left out here because our PyTorch scan is launch-bound on a GPU.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
