@@ -251,15 +251,19 @@ ADDED_SINCE_FIRST_RUNS = {"model.init": "gpt2", "model.mix_dropout": True, "opti
                           "train.cooldown_from": "", "model.assoc_conv": 0}
 
 
+# Model settings left out of a run's identity at any value where its family never reads them (a
+# Transformer is the same run at any model.assoc_conv). Older unread settings (model.mix_dropout, ...)
+# are not here: sweep run names have held their values, and those names must keep finding their runs.
+LEFT_OUT_WHERE_UNREAD = ("model.assoc_conv",)
+
+
 def without_later_defaults(d: dict, prefix: str = "") -> dict:
     """A (section of a) to_dict(cfg), less ADDED_SINCE_FIRST_RUNS keys at their old values, and less
-    the model's later-added keys its family never reads, whatever their values (a Transformer is the
-    same run at any model.assoc_conv). Keys older than that rule stay even when unread: they were in
-    run names before it, and those names must keep finding their runs."""
+    the LEFT_OUT_WHERE_UNREAD keys the model's family never reads."""
     unread = unread_fields(d["arch"]) if prefix == "model." and "arch" in d else frozenset()
     return {k: without_later_defaults(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
             if ADDED_SINCE_FIRST_RUNS.get(f"{prefix}{k}", object()) != v
-            and not (k in unread and f"{prefix}{k}" in ADDED_SINCE_FIRST_RUNS)}
+            and not (k in unread and f"{prefix}{k}" in LEFT_OUT_WHERE_UNREAD)}
 
 
 # ---- reading and writing ------------------------------------------------------------------------

@@ -193,10 +193,15 @@ def test_settings_added_later_keep_older_sweep_run_names():
         section, name = key.split(".")
         setattr(getattr(later, section), name, value)
         assert content_hash(later) != content_hash(cfg), key
-    # a later setting the family never reads leaves its runs' names as they were, whatever its value
+    # gam-assoc's conv leaves other families' run names as they were, whatever its value; an older
+    # unread setting (a Transformer's mix_dropout) keeps the part of the name it always had
     unread = RunConfig()
     unread.model.assoc_conv = 4
     assert content_hash(unread) == "d846944c4a"
+    transformer, no_mix_dropout = RunConfig(), RunConfig()
+    transformer.model.arch = no_mix_dropout.model.arch = "transformer"
+    no_mix_dropout.model.mix_dropout = False
+    assert content_hash(no_mix_dropout) != content_hash(transformer)
 
 
 def test_the_global_batch_is_cut_by_the_world_size_or_refused_in_one_line():

@@ -43,8 +43,8 @@ REGISTRY: dict[str, ArchSpec] = {
 
 
 def unread_fields(arch: str) -> frozenset[str]:
-    """The ModelConfig fields `arch` never reads: whatever their values, its runs are the same, so
-    run identities (checkpoint fingerprints, finished-run read-back, sweep run names) leave them out.
+    """The ModelConfig fields `arch` never reads: whatever their values, its runs are the same, so a
+    resume and the paper tables' read-back ignore them (sweep run names: config.LEFT_OUT_WHERE_UNREAD).
     An unknown arch reads everything (the config check names it)."""
     spec = REGISTRY.get(arch)
     if spec is None:
