@@ -1,8 +1,11 @@
 """Receptive field and associative recall of every family (gam_pretrain/eval/diagnostics.py).
 
-    python tools/diagnostics.py --out results/diagnostics_cpu.json      # ~10 min on 2 cores
-    python tools/diagnostics.py --seq-lens 128,256 --families gam,transformer,gam-assoc --steps 600 \
-        --out results/diagnostics_recall_assoc_cpu.json                 # ~1 hour on one busy core
+    python tools/diagnostics.py --head-size 32 --out results/diagnostics_cpu.json      # ~10 min on 2 cores
+    python tools/diagnostics.py --seq-lens 128,256 --families transformer,gam-assoc --steps 600 --seeds 3 \
+        --out results/diagnostics_recall_assoc_h64_cpu.json             # ~2 hours on one core
+
+Files whose recall rows have no n_heads were made before --head-size, at head size 32: their
+commands reproduce them with --head-size 32 added.
     python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Writes JSON and a PNG (same name): (a) the measured receptive field against GAM's theory
