@@ -201,7 +201,7 @@ def test_settings_added_later_keep_older_sweep_run_names():
     transformer, no_mix_dropout = RunConfig(), RunConfig()
     transformer.model.arch = no_mix_dropout.model.arch = "transformer"
     no_mix_dropout.model.mix_dropout = False
-    assert content_hash(no_mix_dropout) != content_hash(transformer)
+    assert (content_hash(transformer), content_hash(no_mix_dropout)) == ("37d2b91b7a", "9d6f17f5d4")  # 338c61b's names
 
 
 def test_the_global_batch_is_cut_by_the_world_size_or_refused_in_one_line():

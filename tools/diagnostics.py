@@ -2,11 +2,11 @@
 
     python tools/diagnostics.py --head-size 32 --out results/diagnostics_cpu.json      # ~10 min on 2 cores
     python tools/diagnostics.py --seq-lens 128,256 --families transformer,gam-assoc --steps 600 --seeds 3 \
-        --out results/diagnostics_recall_assoc_h64_cpu.json             # ~2 hours on one core
+        --out /tmp/recall_grid.json        # ~2 hours on one core (results/ holds it split in three files)
+    python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Files whose recall rows have no n_heads were made before --head-size, at head size 32: their
 commands reproduce them with --head-size 32 added.
-    python tools/diagnostics.py --smoke --out /tmp/diag.json                  # seconds
 
 Writes JSON and a PNG (same name): (a) the measured receptive field against GAM's theory
 1 + L(k-1) for several depths and kernels, plus each family's input-gradient profile; (b)

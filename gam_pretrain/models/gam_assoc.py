@@ -24,7 +24,7 @@ through the local pathway. Measured at CPU scale with heads of 32 (README, "Resu
 learned recall with 16 pairs at T=256 in 1,500 steps where the block without it did not (seed 0), but was slower to
 learn it elsewhere and worse on language modelling, so it is an option, off by default. (With heads of 64,
 the sweep ladder's, and over seeds 0-2, the block without it learned that cell in 600 steps in two
-seeds of three; with heads of 32 in one.)
+seeds of three; with heads of 32 in one, at 0.154: too few seeds to rank the head sizes.)
 
 `delta_rule` is that recurrence as written (the definition, and the decoding step); training runs
 `delta_rule_chunked`, the same function computed a chunk at a time (DeltaNet's chunkwise form, Yang
