@@ -35,7 +35,7 @@ import torch
 
 from .config import ConfigError, RunConfig, apply_dict, batch_layout, apply_overrides, load_config, read_yaml_mapping, to_dict, validate
 from .data.cache import open_training_data
-from .models import unread_fields
+from .models import read_fields_only
 from .train.loop import train
 from .train.summary import SUMMARY, read_summary
 
@@ -133,9 +133,10 @@ def finished_summary(run_dir: Path, cfg: RunConfig) -> dict | None:
     if not (run_dir / SUMMARY).is_file():
         return None
     stored, wanted = to_dict(load_config(run_dir / "config.yaml", [])), to_dict(cfg)
-    unread = unread_fields(cfg.model.arch)  # a Transformer's run is the same at any model.assoc_conv
+    for config in (stored, wanted):  # a Transformer's run is the same at any model.assoc_conv
+        config["model"] = read_fields_only(config["model"], cfg.model.arch)
     differ = [f"{section}.{key}" for section in wanted for key in wanted[section]
-              if stored.get(section, {}).get(key) != wanted[section][key] and not (section == "model" and key in unread)]
+              if stored.get(section, {}).get(key) != wanted[section][key]]
     if differ:
         raise ConfigError(f"{run_dir} holds a finished run of another configuration (differs in {', '.join(differ[:4])}); "
                           "use another --out for this recipe or these overrides")

@@ -26,7 +26,7 @@ import torch
 
 from gam_pretrain.eval.diagnostics import RecallTask, input_gradient_profile, receptive_field, train_recall
 from gam_pretrain.models import ModelConfig, build_model
-from gam_pretrain.sweep.ladder import HEAD_SIZE  # at the recall width 64: one head, one 64 x 64 memory
+from gam_pretrain.sweep.ladder import HEAD_SIZE  # at RECALL_WIDTH: one head, one 64 x 64 memory
 
 FAMILIES = {
     "gam": dict(arch="gam"),
@@ -34,6 +34,7 @@ FAMILIES = {
     "transformer": dict(arch="transformer", attention="sdpa"),
     "mamba": dict(arch="mamba", stack="standard", expand=2),
 }
+RECALL_WIDTH = 64  # d_model of every recall model (2 layers)
 
 
 def receptive_fields(seq_len: int, widths: int) -> dict:
@@ -157,8 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: train every cell with at least one seed")
-    if args.head_size < 1 or 64 % args.head_size:
-        parser.error(f"--head-size {args.head_size}: it must divide the recall models' width, 64")
+    if args.head_size < 1 or RECALL_WIDTH % args.head_size:
+        parser.error(f"--head-size {args.head_size}: it must divide the recall models' width, {RECALL_WIDTH}")
     # the code that runs is the tree at the start (a long run outlives commits made meanwhile); -dirty: edited
     revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -187,7 +188,7 @@ def main() -> None:
         recall([16], [2], steps=5, width=16, layers=1, families=list(FAMILIES), rows=rec, after_each=save)
     else:
         recall([int(t) for t in args.seq_lens.split(",")], [int(p) for p in args.pairs.split(",")], steps=args.steps,
-               width=64, layers=2, families=args.families.split(","), device=args.device, seeds=args.seeds,
+               width=RECALL_WIDTH, layers=2, families=args.families.split(","), device=args.device, seeds=args.seeds,
                head_size=args.head_size, rows=rec, after_each=save)
     save()
     plot(result, out.with_suffix(".png"))

@@ -52,6 +52,12 @@ def unread_fields(arch: str) -> frozenset[str]:
     return frozenset(f.name for f in fields(ModelConfig)) - set(EVERY_FAMILY_READS) - set(spec.reads)
 
 
+def read_fields_only(model: dict, arch: str) -> dict:
+    """A to_dict(ModelConfig) (or a recorded one) less the fields `arch` never reads."""
+    unread = unread_fields(arch)
+    return {k: v for k, v in model.items() if k not in unread}
+
+
 def build_model(cfg: ModelConfig, seed: int = 0, materialize: bool = True) -> LMHeadModel:
     """The model, built on the meta device (no memory, no random draws), then materialized on the CPU
     and initialised from `seed` (`LMHeadModel.init_weights`). materialize=False returns it on the
@@ -78,4 +84,5 @@ def variant_configs(base: ModelConfig) -> list[tuple[str, ModelConfig]]:
     return out
 
 
-__all__ = ["REGISTRY", "ArchSpec", "LMHeadModel", "ModelConfig", "build_model", "unread_fields", "variant_configs"]
+__all__ = ["REGISTRY", "ArchSpec", "LMHeadModel", "ModelConfig", "build_model", "read_fields_only", "unread_fields",
+           "variant_configs"]

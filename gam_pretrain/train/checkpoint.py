@@ -43,7 +43,7 @@ import torch
 import torch.distributed as tdist
 
 from ..config import ADDED_SINCE_FIRST_RUNS
-from ..models import unread_fields
+from ..models import read_fields_only
 from ..files import first_line, sha256_file, write_atomic
 from .distributed import DistInfo, barrier, decided_on_main
 
@@ -453,9 +453,9 @@ def check_resumable(path: Path, state: dict, expect: dict) -> None:
     if "global_batch" not in state and "batch_size" in state:  # in 0.1, train.batch_size was per process
         state = {**state, "global_batch": state["batch_size"] * state.get("world_size", 1)}
     if isinstance(expect.get("model"), dict) and isinstance(state.get("model"), dict):  # fields the family never reads
-        unread = unread_fields(expect["model"].get("arch", ""))
-        state = {**state, "model": {k: v for k, v in state["model"].items() if k not in unread}}
-        expect = {**expect, "model": {k: v for k, v in expect["model"].items() if k not in unread}}
+        arch = expect["model"].get("arch", "")
+        state = {**state, "model": read_fields_only(state["model"], arch)}
+        expect = {**expect, "model": read_fields_only(expect["model"], arch)}
     for key, value in expect.items():
         if key not in state and key in _RECORDED_SINCE_MANIFESTS:
             continue
